@@ -1,0 +1,216 @@
+"""PEFT LoRA adapters in and out: config, per-module scaling, fan_in_fan_out, weights.
+
+Module names are those PEFT uses for ``rank_pattern`` (the module's path in the base model, e.g.
+``model.layers.0.self_attn.q_proj``); saved keys are ``base_model.model.<module>.lora_A.weight``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .checkpoint import resolve_local
+from .correct import LoraFactors
+from .errors import CsuloraError
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_WEIGHTS_NAME = "adapter_model.bin"
+KEY_PREFIX = "base_model.model."
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<side>A|B)(?:\.(?P<adapter>[^.]+))?\.weight$")
+
+
+def _pattern_value(pattern: dict, module: str, default):
+    """PEFT's rule: the first pattern key ``k`` with ``re.match(rf"(.*\\.)?({k})$", module)``."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+@dataclass
+class Adapter:
+    path: Path
+    config: dict
+    state: dict[str, torch.Tensor]
+    modules: list[str]
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        return bool(self.config.get("fan_in_fan_out", False))
+
+    @property
+    def base_model(self) -> str | None:
+        return self.config.get("base_model_name_or_path")
+
+    def rank(self, module: str) -> int:
+        return int(_pattern_value(self.config.get("rank_pattern") or {}, module, self.config["r"]))
+
+    def alpha(self, module: str) -> float:
+        return float(_pattern_value(self.config.get("alpha_pattern") or {}, module, self.config["lora_alpha"]))
+
+    def scale(self, module: str) -> float:
+        """``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA, honouring the patterns."""
+        r = self.rank(module)
+        return self.alpha(module) / (math.sqrt(r) if self.config.get("use_rslora") else r)
+
+    def key(self, module: str, side: str) -> str:
+        return f"{KEY_PREFIX}{module}.lora_{side}.weight"
+
+    def factors(self, module: str, dtype: torch.dtype = torch.float64) -> LoraFactors:
+        """``dW = s B A`` with ``B: out x r``, ``A: r x in`` (PEFT keeps this order for Conv1D too)."""
+        return LoraFactors(
+            self.state[self.key(module, "B")].to(dtype),
+            self.state[self.key(module, "A")].to(dtype),
+            self.scale(module),
+        )
+
+    def dtype(self, module: str) -> torch.dtype:
+        return self.state[self.key(module, "B")].dtype
+
+
+def load_adapter(source: str | Path, *, allow_pickle: bool = False) -> Adapter:
+    """Read and validate a PEFT LoRA adapter directory (or Hub id when online)."""
+    path = resolve_local(source, allow_patterns=["*.json", "*.safetensors", "*.md"])
+    config_file = path / CONFIG_NAME
+    if not config_file.is_file():
+        raise CsuloraError(f"{path}: no {CONFIG_NAME}; not a PEFT adapter directory")
+    try:
+        config = json.loads(config_file.read_text())
+    except ValueError as exc:
+        raise CsuloraError(f"{config_file}: invalid JSON ({exc})") from None
+    _check_config(config, config_file)
+    state = _load_weights(path, allow_pickle)
+    modules = _lora_modules(state, path)
+    adapter = Adapter(path, config, {_canonical_key(k): v for k, v in state.items()}, modules)
+    for module in modules:
+        _check_module(adapter, module)
+    return adapter
+
+
+def _check_config(config: dict, file: Path) -> None:
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise CsuloraError(f"{file}: peft_type {peft_type} is not supported (only LORA)")
+    if config.get("use_dora"):
+        raise CsuloraError(f"{file}: DoRA adapters (use_dora) are not supported yet")
+    if config.get("modules_to_save"):
+        raise CsuloraError(
+            f"{file}: modules_to_save {config['modules_to_save']} are fully trained copies the method does "
+            "not cover; not supported yet"
+        )
+    if config.get("lora_bias"):
+        raise CsuloraError(f"{file}: lora_bias adapters are not supported yet")
+    for field in ("r", "lora_alpha"):
+        if field not in config:
+            raise CsuloraError(f"{file}: missing '{field}'")
+
+
+def _load_weights(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    file = path / WEIGHTS_NAME
+    if file.is_file():
+        try:
+            return load_file(str(file))
+        except (SafetensorError, OSError) as exc:
+            raise CsuloraError(f"{file}: corrupt or truncated safetensors file ({exc})") from None
+    pickled = path / PICKLE_WEIGHTS_NAME
+    if pickled.is_file():
+        if not allow_pickle:
+            raise CsuloraError(
+                f"{pickled}: pickled adapter weights are refused (pickle can run code); pass --allow-pickle "
+                "to load them with weights_only=True"
+            )
+        try:
+            return torch.load(pickled, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CsuloraError(f"{pickled}: cannot load with weights_only=True ({exc})") from None
+    raise CsuloraError(f"{path}: no {WEIGHTS_NAME}")
+
+
+def _canonical_key(key: str) -> str:
+    """Drop an adapter name (``lora_A.default.weight``) that older PEFT versions saved."""
+    match = _LORA_KEY.match(key)
+    if match and match.group("adapter"):
+        return f"{match.group('module')}.lora_{match.group('side')}.weight"
+    return key
+
+
+def _lora_modules(state: dict[str, torch.Tensor], path: Path) -> list[str]:
+    modules: dict[str, set] = {}
+    for key in state:
+        if "lora_embedding_" in key:
+            raise CsuloraError(f"{path}: embedding LoRA ({key}) is not supported yet")
+        if "lora_magnitude_vector" in key:
+            raise CsuloraError(f"{path}: DoRA adapters ({key}) are not supported yet")
+        if "modules_to_save" in key:
+            raise CsuloraError(f"{path}: modules_to_save weights ({key}) are not supported yet")
+        match = _LORA_KEY.match(key)
+        if not match or not match.group("module").startswith(KEY_PREFIX):
+            raise CsuloraError(f"{path}: unexpected adapter tensor {key}")
+        modules.setdefault(match.group("module")[len(KEY_PREFIX) :], set()).add(match.group("side"))
+    if not modules:
+        raise CsuloraError(f"{path}: the adapter holds no LoRA weights")
+    for module, sides in modules.items():
+        if sides != {"A", "B"}:
+            raise CsuloraError(f"{path}: module {module} has lora_{sides.pop()} but not its pair")
+    return sorted(modules, key=_natural_key)
+
+
+def _natural_key(name: str):
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _check_module(adapter: Adapter, module: str) -> None:
+    A = adapter.state[adapter.key(module, "A")]
+    B = adapter.state[adapter.key(module, "B")]
+    where = f"{adapter.path}: module {module}"
+    if A.dim() != 2 or B.dim() != 2:
+        raise CsuloraError(f"{where}: only linear LoRA is supported (got {A.dim()}-D weights)")
+    if B.shape[1] != A.shape[0]:
+        raise CsuloraError(f"{where}: lora_B is {tuple(B.shape)} but lora_A is {tuple(A.shape)}")
+    if A.shape[0] != adapter.rank(module):
+        raise CsuloraError(f"{where}: rank {A.shape[0]} but the config says r={adapter.rank(module)}")
+    if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+        raise CsuloraError(f"{where}: NaN or Inf in the LoRA weights")
+
+
+def write_adapter(adapter: Adapter, out: Path, corrected: dict[str, LoraFactors]) -> None:
+    """Write ``corrected`` (every module of ``adapter``) as a PEFT adapter into directory ``out``.
+
+    A module whose rank changed gets explicit ``rank_pattern`` / ``alpha_pattern`` entries, placed
+    before the existing ones because PEFT takes the first matching pattern; alpha is set so the
+    scaling ``s`` is unchanged, as the factors assume.
+    """
+    config = json.loads(json.dumps(adapter.config))
+    new_ranks, new_alphas = {}, {}
+    state = {}
+    for module in adapter.modules:
+        lora = corrected[module]
+        dtype = adapter.dtype(module)
+        state[adapter.key(module, "A")] = lora.A.to(dtype).contiguous()
+        state[adapter.key(module, "B")] = lora.B.to(dtype).contiguous()
+        if lora.rank != adapter.rank(module):
+            new_ranks[module] = lora.rank
+            divisor = math.sqrt(lora.rank) if config.get("use_rslora") else lora.rank
+            new_alphas[module] = adapter.scale(module) * divisor
+    if new_ranks:
+        config["rank_pattern"] = _prepend(new_ranks, config.get("rank_pattern") or {})
+        config["alpha_pattern"] = _prepend(new_alphas, config.get("alpha_pattern") or {})
+    for item in adapter.path.iterdir():
+        if item.is_file() and item.name not in (CONFIG_NAME, WEIGHTS_NAME, PICKLE_WEIGHTS_NAME):
+            shutil.copy2(item, out / item.name)
+    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+
+
+def _prepend(first: dict, rest: dict) -> dict:
+    """``first``'s entries, then ``rest``'s other keys: PEFT's first match is then ours."""
+    return first | {key: value for key, value in rest.items() if key not in first}

@@ -1,0 +1,276 @@
+"""The library's entry points: compute a subspace, correct an adapter, inspect an adapter.
+
+These do the I/O (checkpoints, adapters, output directories) around the pure math in
+``correct``, ``subspace`` and ``methods``; the CLI is a thin shell over them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .adapter import Adapter, load_adapter, write_adapter
+from .checkpoint import Checkpoint, match_module, tensor_digest
+from .correct import LoraFactors, truncate_to_rank
+from .errors import CsuloraError
+from .io_utils import atomic_dir
+from .methods import MethodParams, ModuleInputs, get_method, method_needs_basis
+from .subspace import Subspace, SubspaceSettings, load_subspace, module_basis
+
+REPORT_NAME = "csulora_report.json"
+
+
+# -- the subspace --------------------------------------------------------------------------------
+def _read_delta(base: Checkpoint, aligned: Checkpoint, module: str) -> tuple[torch.Tensor, bytes, bytes]:
+    """``V = W_aligned - W_base`` for one module in float32 (stored layout), with content digests."""
+    key_a = aligned.weight_key(module)
+    key_b = base.weight_key(module)
+    W_a = aligned.read(key_a)
+    W_b = base.read(key_b)
+    if W_a.shape != W_b.shape:
+        raise CsuloraError(
+            f"module {module}: {aligned.path} has shape {tuple(W_a.shape)} but {base.path} has "
+            f"{tuple(W_b.shape)}; base and aligned must be the same architecture"
+        )
+    for W, ckpt in ((W_a, aligned), (W_b, base)):
+        if not torch.isfinite(W).all():
+            raise CsuloraError(f"{ckpt.path}: module {module} has NaN or Inf weights")
+    digests = tensor_digest(W_b), tensor_digest(W_a)
+    V = W_a.float()
+    V -= W_b  # type promotion reads W_b in its own dtype: no float32 copy of the base weight
+    return V, *digests
+
+
+def iter_deltas(
+    base: Checkpoint, aligned: Checkpoint, modules: list[str]
+) -> Iterator[tuple[str, torch.Tensor, bytes, bytes]]:
+    """Yield each module's displacement, reading the next module while the caller works on this one."""
+    if not modules:
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(_read_delta, base, aligned, modules[0])
+        for i, module in enumerate(modules):
+            result = pending.result()
+            if i + 1 < len(modules):
+                pending = pool.submit(_read_delta, base, aligned, modules[i + 1])
+            yield module, *result
+
+
+def subspace_modules(
+    aligned: Checkpoint, *, modules: list[str] | None, targets: list[str] | None, adapter: Adapter | None
+) -> list[str]:
+    """Checkpoint module names to decompose: explicit ones, an adapter's, or those matching targets."""
+    if adapter is not None:
+        modules = adapter.modules
+    if modules is not None:
+        return [aligned.weight_key(module)[: -len(".weight")] for module in modules]
+    if not targets:
+        raise CsuloraError("say which modules: --targets q_proj,v_proj,... or --adapter DIR")
+    found = aligned.linear_modules(targets)
+    if not found:
+        raise CsuloraError(f"{aligned.path}: no 2-D weight matches the targets {', '.join(targets)}")
+    return found
+
+
+def compute_subspace(
+    base: str | Path | Checkpoint,
+    aligned: str | Path | Checkpoint,
+    *,
+    modules: list[str] | None = None,
+    targets: list[str] | None = None,
+    adapter: str | Path | Adapter | None = None,
+    settings: SubspaceSettings | None = None,
+    allow_pickle: bool = False,
+    progress: bool = False,
+) -> Subspace:
+    """Stream both checkpoints and compute each module's safety subspace.
+
+    Bases are in the checkpoint's stored layout (``out x in`` for ``nn.Linear``; a GPT-2 ``Conv1D``
+    stores ``in x out``, and the adapter's ``fan_in_fan_out`` flips it back when correcting).
+    """
+    settings = settings or SubspaceSettings()
+    base = base if isinstance(base, Checkpoint) else Checkpoint(base, allow_pickle=allow_pickle)
+    aligned = aligned if isinstance(aligned, Checkpoint) else Checkpoint(aligned, allow_pickle=allow_pickle)
+    if adapter is not None and not isinstance(adapter, Adapter):
+        adapter = load_adapter(adapter, allow_pickle=allow_pickle)
+    names = subspace_modules(aligned, modules=modules, targets=targets, adapter=adapter)
+    bases = {}
+    digest_b, digest_a = hashlib.sha256(), hashlib.sha256()
+    for module, V, d_b, d_a in tqdm(
+        iter_deltas(base, aligned, names), total=len(names), desc="subspace", disable=not progress
+    ):
+        bases[module] = module_basis(V, settings)
+        digest_b.update(d_b)
+        digest_a.update(d_a)
+    metadata = {
+        "csulora_version": __version__,
+        "base": {"source": base.source, "sha256": digest_b.hexdigest()},
+        "aligned": {"source": aligned.source, "sha256": digest_a.hexdigest()},
+        "settings": {
+            "rank": settings.rank,
+            "energy": settings.energy,
+            "max_rank": settings.max_rank,
+            "oversample": settings.oversample,
+            "power_iters": settings.power_iters,
+            "seed": settings.seed,
+        },
+        "layout": "stored",
+    }
+    return Subspace(bases, metadata)
+
+
+# -- correcting ----------------------------------------------------------------------------------
+def _oriented_basis(subspace: Subspace, adapter: Adapter, module: str, m: int, n: int):
+    """The module's ``U: m x k``, ``R: n x k`` in the update's orientation, shape-checked."""
+    name = match_module(module, subspace.modules())
+    if name is None:
+        raise CsuloraError(f"adapter module {module} has no entry in the subspace; recompute it with this adapter")
+    basis = subspace[name]
+    U, R = (basis.R, basis.U) if adapter.fan_in_fan_out else (basis.U, basis.R)
+    if U.shape[0] != m or R.shape[0] != n:
+        raise CsuloraError(
+            f"{adapter.path}: module {module} updates a {m} x {n} weight but the subspace is for "
+            f"{U.shape[0]} x {R.shape[0]}; was the adapter trained on a different model?"
+        )
+    return name, U.to(torch.float64), R.to(torch.float64)
+
+
+def _oriented_delta(V: torch.Tensor, adapter: Adapter, module: str, m: int, n: int) -> torch.Tensor:
+    V = V.T if adapter.fan_in_fan_out else V
+    if tuple(V.shape) != (m, n):
+        raise CsuloraError(
+            f"{adapter.path}: module {module} updates a {m} x {n} weight but the checkpoint weight is "
+            f"{V.shape[0]} x {V.shape[1]}; was the adapter trained on a different model?"
+        )
+    return V.to(torch.float64)
+
+
+def correct_adapter(
+    adapter: str | Path | Adapter,
+    out: str | Path,
+    *,
+    method: str = "csulora",
+    params: MethodParams | None = None,
+    subspace: str | Path | Subspace | None = None,
+    base: str | Path | None = None,
+    aligned: str | Path | None = None,
+    settings: SubspaceSettings | None = None,
+    force: bool = False,
+    allow_pickle: bool = False,
+    progress: bool = False,
+) -> dict:
+    """Correct ``adapter`` and write a PEFT adapter plus ``csulora_report.json`` into ``out``.
+
+    Returns the report. The subspace comes from ``subspace`` (a file or object) or is computed from
+    ``base`` and ``aligned`` (default: the adapter's ``base_model_name_or_path``).
+    """
+    params = params or MethodParams()
+    spec = get_method(method)
+    out = Path(out)
+    if out.exists() and not force:
+        raise CsuloraError(f"{out}: already exists (pass --force to overwrite)")
+    adapter = adapter if isinstance(adapter, Adapter) else load_adapter(adapter, allow_pickle=allow_pickle)
+    results, sources = _run_method(
+        adapter, method, params, subspace, base, aligned, settings, allow_pickle, progress
+    )
+    originals = {module: adapter.factors(module) for module in adapter.modules}
+    if spec.finalize is not None:
+        results = spec.finalize(originals, results, params)
+    corrected, modules_report = {}, {}
+    for module, result in results.items():
+        lora, truncation_error = result.lora, 0.0
+        if params.rank_mode == "keep" and lora.rank > adapter.rank(module):
+            lora, truncation_error = truncate_to_rank(lora, adapter.rank(module))
+        corrected[module] = lora
+        modules_report[sources["names"][module]] = _module_report(
+            result.info, sources["k"].get(module), adapter.rank(module), lora.rank, truncation_error
+        )
+    report = {
+        "method": method,
+        "params": {key: params.as_dict()[key] for key in spec.relevant_params},
+        "csulora_version": __version__,
+        "adapter": str(adapter.path),
+        "subspace": sources["subspace"],
+        "energy_before": sum(_energy(originals[m]) for m in adapter.modules),
+        "energy_after": sum(_energy(corrected[m]) for m in adapter.modules),
+        "modules": modules_report,
+    }
+    with atomic_dir(out, force=force) as tmp:
+        write_adapter(adapter, tmp, corrected)
+        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _energy(lora: LoraFactors) -> float:
+    return lora.scale**2 * float(torch.sum((lora.B.T @ lora.B) * (lora.A @ lora.A.T)))
+
+
+def _module_report(info: dict, k, rank_in: int, rank_out: int, truncation_error: float) -> dict:
+    report = {
+        "k": k,
+        "rho_f": info.get("rho_f"),
+        "rho_h": info.get("rho_h"),
+        "rho_o": info.get("rho_o"),
+        "kappa_h": info.get("kappa_h"),
+        "kappa_o": info.get("kappa_o"),
+        "rank_in": rank_in,
+        "rank_out": rank_out,
+        "truncation_error": truncation_error,
+    }
+    extra = {key: value for key, value in info.items() if key not in report and key != "energy"}
+    return report | {"energy": info.get("energy")} | extra
+
+
+def _run_method(adapter, method, params, subspace, base, aligned, settings, allow_pickle, progress):
+    """Apply ``method`` module by module; returns the per-module results and where inputs came from."""
+    spec = get_method(method)
+    needs_basis = method_needs_basis(method, params)
+    sources = {"names": {}, "k": {}, "subspace": None}
+    base_ckpt = aligned_ckpt = None
+    if base is not None or spec.needs_delta:
+        if base is None:
+            raise CsuloraError(f"--method {method} needs the full alignment matrix: pass --base (and --aligned)")
+        aligned = aligned or adapter.base_model
+        if aligned is None:
+            raise CsuloraError(f"{adapter.path}: no base_model_name_or_path in the config; pass --aligned")
+        base_ckpt = Checkpoint(base, allow_pickle=allow_pickle)
+        aligned_ckpt = Checkpoint(aligned, allow_pickle=allow_pickle)
+    if needs_basis:
+        if subspace is None:
+            if base_ckpt is None:
+                raise CsuloraError("pass --subspace SUB, or --base B (and --aligned A) to compute it")
+            subspace = compute_subspace(
+                base_ckpt, aligned_ckpt, adapter=adapter, settings=settings, progress=progress
+            )
+        elif not isinstance(subspace, Subspace):
+            subspace = load_subspace(subspace)
+        sources["subspace"] = subspace.metadata
+    deltas = {}
+    if spec.needs_delta:
+        names = subspace_modules(aligned_ckpt, modules=adapter.modules, targets=None, adapter=None)
+        deltas = iter_deltas(base_ckpt, aligned_ckpt, names)
+
+    results = {}
+    for module in tqdm(adapter.modules, desc=method, disable=not progress):
+        lora = adapter.factors(module)
+        m, n = lora.B.shape[0], lora.A.shape[1]
+        inputs = ModuleInputs(module)
+        name = None
+        if needs_basis:
+            name, inputs.U, inputs.R = _oriented_basis(subspace, adapter, module, m, n)
+            sources["k"][module] = inputs.U.shape[1]
+        if spec.needs_delta:
+            name, V, _, _ = next(deltas)
+            inputs.V = _oriented_delta(V, adapter, module, m, n)
+        if name is None:
+            name = aligned_ckpt.weight_key(module)[: -len(".weight")] if aligned_ckpt else module
+        sources["names"][module] = name
+        results[module] = spec.correct(lora, inputs, params)
+    return results, sources

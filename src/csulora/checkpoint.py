@@ -1,0 +1,194 @@
+"""Streaming reads of Hugging Face checkpoints, one tensor at a time.
+
+A checkpoint is a local directory (or a Hub id, downloaded only when online) holding
+``model.safetensors``, a sharded ``model.safetensors.index.json``, or, only with ``allow_pickle``,
+PyTorch ``.bin`` files loaded with ``weights_only=True``. Each read opens the shard, copies one
+tensor out and closes it again, so memory holds the tensors in use, not the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .errors import CsuloraError
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+PICKLE_SINGLE = "pytorch_model.bin"
+
+
+def resolve_local(source: str | os.PathLike, *, allow_patterns: list[str] | None = None) -> Path:
+    """A local directory for ``source``: itself, or a Hub snapshot when it is a repo id and we are online."""
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CsuloraError(f"{path}: expected a checkpoint directory, found a file")
+        return path
+    text = str(source)
+    looks_like_repo_id = text.count("/") == 1 and not text.startswith((".", "/", "~"))
+    if not looks_like_repo_id:
+        raise CsuloraError(f"{source}: no such directory")
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        offline_reason = "HF_HUB_OFFLINE is set"
+    else:
+        offline_reason = None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(text, allow_patterns=allow_patterns))
+    except Exception as exc:  # any Hub failure becomes one clear line
+        reason = offline_reason or f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        raise CsuloraError(
+            f"{source}: not a local directory and not fetchable from the Hugging Face Hub ({reason})"
+        ) from None
+
+
+class Checkpoint:
+    """Tensor-by-tensor access to a Hugging Face checkpoint directory."""
+
+    def __init__(self, source: str | os.PathLike, *, allow_pickle: bool = False):
+        self.source = str(source)
+        self.path = resolve_local(source, allow_patterns=["*.json", "*.safetensors"])
+        self.allow_pickle = allow_pickle
+        self._pickled: dict[str, dict] = {}
+        self.weight_map = self._find_weight_files()
+        self._shapes = self._read_headers()
+
+    # -- discovery -------------------------------------------------------------------------------
+    def _find_weight_files(self) -> dict[str, str]:
+        path = self.path
+        if (path / SAFETENSORS_INDEX).is_file():
+            return self._index_map(path / SAFETENSORS_INDEX)
+        if (path / SAFETENSORS_SINGLE).is_file():
+            return {key: SAFETENSORS_SINGLE for key in self._safetensors_keys(path / SAFETENSORS_SINGLE)}
+        pickled = (path / PICKLE_INDEX).is_file() or (path / PICKLE_SINGLE).is_file()
+        if pickled and not self.allow_pickle:
+            raise CsuloraError(
+                f"{path}: only pickled .bin weights found; pickle can run code when loaded, so it is "
+                "refused (convert to safetensors, or pass --allow-pickle to load with weights_only=True)"
+            )
+        if (path / PICKLE_INDEX).is_file():
+            return self._index_map(path / PICKLE_INDEX)
+        if (path / PICKLE_SINGLE).is_file():
+            return {key: PICKLE_SINGLE for key in self._pickle_state(PICKLE_SINGLE)}
+        raise CsuloraError(f"{path}: no model.safetensors, {SAFETENSORS_INDEX} or pytorch_model.bin found")
+
+    def _index_map(self, index: Path) -> dict[str, str]:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as exc:
+            raise CsuloraError(f"{index}: not a valid weight index ({exc})") from None
+        for shard in sorted(set(weight_map.values())):
+            if not (self.path / shard).is_file():
+                raise CsuloraError(f"{index}: shard {shard} is missing")
+        return dict(weight_map)
+
+    def _safetensors_keys(self, file: Path) -> list[str]:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                return list(f.keys())
+        except (SafetensorError, OSError) as exc:
+            raise CsuloraError(f"{file}: corrupt or truncated safetensors file ({exc})") from None
+
+    def _pickle_state(self, shard: str) -> dict:
+        if shard not in self._pickled:
+            file = self.path / shard
+            try:
+                self._pickled[shard] = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as exc:
+                raise CsuloraError(f"{file}: cannot load with weights_only=True ({exc})") from None
+        return self._pickled[shard]
+
+    def _read_headers(self) -> dict[str, tuple[int, ...]]:
+        """Shapes of every tensor, from the headers alone; also validates every shard once."""
+        shapes: dict[str, tuple[int, ...]] = {}
+        for shard in sorted(set(self.weight_map.values())):
+            file = self.path / shard
+            if shard.endswith(".safetensors"):
+                try:
+                    with safe_open(str(file), framework="pt") as f:
+                        for key in f.keys():
+                            shapes[key] = tuple(f.get_slice(key).get_shape())
+                except (SafetensorError, OSError) as exc:
+                    raise CsuloraError(f"{file}: corrupt or truncated safetensors file ({exc})") from None
+            else:
+                for key, tensor in self._pickle_state(shard).items():
+                    shapes[key] = tuple(tensor.shape)
+        missing = [key for key in self.weight_map if key not in shapes]
+        if missing:
+            raise CsuloraError(f"{self.path}: index lists {missing[0]} but its shard does not hold it")
+        return shapes
+
+    # -- access ----------------------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return list(self.weight_map)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._shapes[key]
+
+    def config(self) -> dict:
+        file = self.path / "config.json"
+        return json.loads(file.read_text()) if file.is_file() else {}
+
+    def read(self, key: str) -> torch.Tensor:
+        """One tensor in its stored dtype; the shard is closed again before returning."""
+        if key not in self.weight_map:
+            raise CsuloraError(f"{self.path}: no tensor {key}")
+        shard = self.weight_map[key]
+        file = self.path / shard
+        if not shard.endswith(".safetensors"):
+            return self._pickle_state(shard)[key].clone()
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                return f.get_tensor(key)
+        except (SafetensorError, OSError) as exc:
+            raise CsuloraError(f"{file}: cannot read {key} ({exc})") from None
+
+    def weight_key(self, module: str) -> str:
+        """The checkpoint key of ``module``'s weight, tolerating a missing or extra model prefix.
+
+        ``transformer.h.0.attn.c_attn`` finds ``h.0.attn.c_attn.weight`` and vice versa, so a
+        checkpoint saved from the bare model still pairs with a causal-LM adapter.
+        """
+        found = match_module(module, [key[: -len(".weight")] for key in self.weight_map if key.endswith(".weight")])
+        if found is None:
+            raise CsuloraError(f"{self.path}: no weight for module {module}")
+        return found + ".weight"
+
+    def linear_modules(self, targets: list[str]) -> list[str]:
+        """Modules with a 2-D weight whose name is a target or ends with ``.target`` (PEFT's rule)."""
+        found = []
+        for key in self.weight_map:
+            if not key.endswith(".weight") or len(self._shapes[key]) != 2:
+                continue
+            module = key[: -len(".weight")]
+            if any(module == t or module.endswith("." + t) for t in targets):
+                found.append(module)
+        return found
+
+
+def match_module(module: str, available: list[str]) -> str | None:
+    """``module`` among ``available`` names, allowing one side to carry extra leading components."""
+    names = set(available)
+    parts = module.split(".")
+    for start in range(len(parts)):
+        candidate = ".".join(parts[start:])
+        if candidate in names:
+            return candidate
+    longer = [name for name in available if name.endswith("." + module)]
+    return longer[0] if len(longer) == 1 else None
+
+
+def tensor_digest(tensor: torch.Tensor) -> bytes:
+    """sha256 of a tensor's raw bytes (dtype and shape included), for provenance records."""
+    digest = hashlib.sha256(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+    if tensor.numel():
+        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.digest()

@@ -1,0 +1,238 @@
+"""The CSULoRA closed form and its relatives, in factored form.
+
+Pure functions on tensors: no I/O, no global state. A LoRA update is ``dW = scale * B @ A`` with
+``B: m x r`` and ``A: r x n``; a subspace is ``U: m x k`` (left, output side) and ``R: n x k``
+(right, input side), both with orthonormal columns. Nothing here forms an ``m x n`` or ``m x m``
+matrix: every product is with ``r``- or ``k``-wide factors.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .errors import CsuloraError
+
+
+@dataclass(frozen=True)
+class LoraFactors:
+    """One module's update ``dW = scale * B @ A``."""
+
+    B: torch.Tensor
+    A: torch.Tensor
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return self.B.shape[1]
+
+    def dense(self) -> torch.Tensor:
+        """The ``m x n`` update; for tests and tiny models only."""
+        return self.scale * self.B @ self.A
+
+
+def frobenius_sq(B: torch.Tensor, A: torch.Tensor) -> float:
+    """``||B @ A||_F^2`` through the r x r Gram matrices: ``tr((B^T B)(A A^T))``."""
+    return float(torch.sum((B.T @ B) * (A @ A.T)))
+
+
+@dataclass(frozen=True)
+class Decomposition:
+    """``dW = F + H + O`` split in factored form, with the energy of each part."""
+
+    B_in: torch.Tensor
+    B_out: torch.Tensor
+    A_in: torch.Tensor
+    A_out: torch.Tensor
+    scale: float
+    e_f: float
+    e_h: float
+    e_o: float
+
+    @property
+    def energy(self) -> float:
+        return self.e_f + self.e_h + self.e_o
+
+    def _relative(self, e: float) -> float:
+        return e / self.energy if self.energy > 0 else 0.0
+
+    @property
+    def rho_f(self) -> float:
+        return self._relative(self.e_f)
+
+    @property
+    def rho_h(self) -> float:
+        return self._relative(self.e_h)
+
+    @property
+    def rho_o(self) -> float:
+        return self._relative(self.e_o)
+
+
+def decompose(lora: LoraFactors, U: torch.Tensor, R: torch.Tensor) -> Decomposition:
+    """Split the update into fully aligned, partially aligned and off-subspace parts.
+
+    ``B_in = U U^T B`` and ``A_in = A R R^T``; the parts are Frobenius-orthogonal because
+    ``B_in^T B_out = 0`` and ``A_in A_out^T = 0``, so their energies add up to the total.
+    """
+    B, A = lora.B, lora.A
+    _check_subspace_shapes(B, A, U, R)
+    B_in = U @ (U.T @ B)
+    A_in = (A @ R) @ R.T
+    B_out = B - B_in
+    A_out = A - A_in
+    s2 = lora.scale**2
+    e_f = s2 * frobenius_sq(B_in, A_in)
+    e_h = s2 * (frobenius_sq(B_in, A_out) + frobenius_sq(B_out, A_in))
+    e_o = s2 * frobenius_sq(B_out, A_out)
+    return Decomposition(B_in, B_out, A_in, A_out, lora.scale, e_f, e_h, e_o)
+
+
+def _check_subspace_shapes(B, A, U, R) -> None:
+    if U.shape[0] != B.shape[0] or R.shape[0] != A.shape[1]:
+        raise CsuloraError(
+            f"subspace of shape U {tuple(U.shape)}, R {tuple(R.shape)} does not fit a LoRA update of "
+            f"shape {B.shape[0]} x {A.shape[1]}"
+        )
+
+
+def attenuation(lam: float, rho: float) -> float:
+    """``kappa = 1 / (1 + lam * rho)``; ``lam = inf`` is the hard projection (kappa 0 unless rho 0)."""
+    if math.isinf(lam):
+        return 1.0 if rho == 0 else 0.0
+    return 1.0 / (1.0 + lam * rho)
+
+
+@dataclass(frozen=True)
+class Corrected:
+    """A corrected module: its new factors and what the report says about it."""
+
+    lora: LoraFactors
+    info: dict
+
+
+def csulora_update(lora: LoraFactors, U: torch.Tensor, R: torch.Tensor, lam: float) -> Corrected:
+    """The closest safe update ``F + kappa_H H + kappa_O O`` as a LoRA of rank at most 2r.
+
+    ``dW* = s (B_in + kH B_out)(A_in + kH A_out) + s (kO - kH^2) B_out A_out`` exactly, so
+    ``B' = [B_in + kH B_out, (kO - kH^2) B_out]`` and ``A' = [A_in + kH A_out ; A_out]``.
+    The second block is dropped when its coefficient is zero (``lam = 0``: the adapter itself).
+    """
+    if lam < 0 or math.isnan(lam):
+        raise CsuloraError(f"--lam must be >= 0, got {lam}")
+    d = decompose(lora, U, R)
+    k_h, k_o = attenuation(lam, d.rho_h), attenuation(lam, d.rho_o)
+    info = _decomposition_info(d) | {"kappa_h": k_h, "kappa_o": k_o}
+    if lam == 0:
+        return Corrected(lora, info)
+    B_first = d.B_in + k_h * d.B_out
+    A_first = d.A_in + k_h * d.A_out
+    coef = k_o - k_h**2
+    if coef == 0:
+        return Corrected(LoraFactors(B_first, A_first, lora.scale), info)
+    B_new = torch.cat([B_first, coef * d.B_out], dim=1)
+    A_new = torch.cat([A_first, d.A_out], dim=0)
+    return Corrected(LoraFactors(B_new, A_new, lora.scale), info)
+
+
+def corrected_energy(d: Decomposition, k_h: float, k_o: float) -> float:
+    """``||F + kH H + kO O||_F^2``: the parts are orthogonal, so no product is needed."""
+    return d.e_f + k_h**2 * d.e_h + k_o**2 * d.e_o
+
+
+def project_update(lora: LoraFactors, U: torch.Tensor, R: torch.Tensor) -> Corrected:
+    """Hard two-sided projection onto the fully aligned part ``F = s B_in A_in`` (rank kept)."""
+    d = decompose(lora, U, R)
+    info = _decomposition_info(d) | {"kappa_h": 0.0, "kappa_o": 0.0}
+    return Corrected(LoraFactors(d.B_in, d.A_in, lora.scale), info)
+
+
+def scale_update(lora: LoraFactors, factor: float) -> Corrected:
+    """The whole update times one factor (folded into B, so the adapter's scaling is unchanged)."""
+    return Corrected(LoraFactors(factor * lora.B, lora.A, lora.scale), {"factor": factor})
+
+
+def thin_svd(lora: LoraFactors) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``B @ A = u diag(sigma) v^T`` from a QR of each factor and an r x r SVD (scale excluded)."""
+    Q_b, R_b = torch.linalg.qr(lora.B)
+    Q_a, R_a = torch.linalg.qr(lora.A.T)
+    U_c, sigma, Vh_c = torch.linalg.svd(R_b @ R_a.T)
+    return Q_b @ U_c, sigma, Q_a @ Vh_c.T
+
+
+def csulora_dir_update(lora: LoraFactors, U: torch.Tensor, R: torch.Tensor, lam: float) -> Corrected:
+    """Per-direction variant: keep each singular direction's in-subspace part, shrink the rest.
+
+    ``dW* = sum_i sigma_i (P_L u_i + kappa_i Q_L u_i) v_i^T`` with ``rho_i = ||U^T u_i||^2`` and
+    ``kappa_i = 1 / (1 + lam (1 - rho_i))``. Rank r exactly.
+    """
+    if lam < 0 or math.isnan(lam):
+        raise CsuloraError(f"--lam must be >= 0, got {lam}")
+    d = decompose(lora, U, R)
+    u, sigma, v = thin_svd(lora)
+    u_in = U @ (U.T @ u)
+    rho = torch.sum(u_in * u_in, dim=0).clamp(0.0, 1.0)
+    if math.isinf(lam):
+        kappa = (rho >= 1.0).to(u.dtype)
+    else:
+        kappa = 1.0 / (1.0 + lam * (1.0 - rho))
+    B_new = (u_in + kappa * (u - u_in)) * sigma
+    info = _decomposition_info(d) | {
+        "kappa_h": None,
+        "kappa_o": None,
+        "rho_dir": [round(float(x), 6) for x in rho],
+        "kappa_dir": [round(float(x), 6) for x in kappa],
+    }
+    return Corrected(LoraFactors(B_new, v.T.contiguous(), lora.scale), info)
+
+
+def safelora_candidate(lora: LoraFactors, V: torch.Tensor) -> Corrected:
+    """Safe LoRA's projected candidate ``B' = C B`` with ``C = V V^T / ||V||_F``, and the cosine.
+
+    ``C B`` is computed as ``V (V^T B) / ||V||_F``: no ``m x m`` matrix. The cosine is the Frobenius
+    cosine similarity of ``C dW`` and ``dW`` (the scale cancels).
+    """
+    B, A = lora.B, lora.A
+    if V.shape != (B.shape[0], A.shape[1]):
+        raise CsuloraError(
+            f"alignment matrix of shape {tuple(V.shape)} does not fit a LoRA update of shape "
+            f"{B.shape[0]} x {A.shape[1]}"
+        )
+    norm_v = torch.linalg.matrix_norm(V)
+    B_proj = V @ (V.T @ B) / norm_v if norm_v > 0 else torch.zeros_like(B)
+    gram_a = A @ A.T
+    inner = float(torch.sum((B_proj.T @ B) * gram_a))
+    denom = math.sqrt(max(frobenius_sq(B_proj, A), 0.0) * max(frobenius_sq(B, A), 0.0))
+    cosine = inner / denom if denom > 0 else 0.0
+    return Corrected(LoraFactors(B_proj, A, lora.scale), {"cosine": cosine})
+
+
+def truncate_to_rank(lora: LoraFactors, rank: int) -> tuple[LoraFactors, float]:
+    """Best rank-``rank`` approximation of ``s B A`` and its relative Frobenius truncation error.
+
+    QR of both factors and an SVD of the small core; singular values are split evenly (square roots)
+    between B and A.
+    """
+    if lora.rank <= rank:
+        return lora, 0.0
+    Q_b, R_b = torch.linalg.qr(lora.B)
+    Q_a, R_a = torch.linalg.qr(lora.A.T)
+    U_c, sigma, Vh_c = torch.linalg.svd(R_b @ R_a.T)
+    total = float(torch.sum(sigma**2))
+    dropped = float(torch.sum(sigma[rank:] ** 2))
+    error = math.sqrt(dropped / total) if total > 0 else 0.0
+    root = torch.sqrt(sigma[:rank])
+    B_new = (Q_b @ U_c[:, :rank]) * root
+    A_new = root[:, None] * (Vh_c[:rank] @ Q_a.T)
+    return LoraFactors(B_new, A_new, lora.scale), error
+
+
+def _decomposition_info(d: Decomposition) -> dict:
+    return {
+        "energy": d.energy,
+        "rho_f": d.rho_f,
+        "rho_h": d.rho_h,
+        "rho_o": d.rho_o,
+    }

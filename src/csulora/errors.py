@@ -1,0 +1,5 @@
+"""The one exception type the CLI turns into a one-line error and a non-zero exit."""
+
+
+class CsuloraError(Exception):
+    """A user-facing error: the message names the file and the module concerned."""

@@ -1,0 +1,214 @@
+"""The safety subspace: a truncated SVD of the alignment displacement ``V = W_aligned - W_base``.
+
+``randomized_svd`` and ``choose_rank`` are pure; ``Subspace`` holds the per-module bases and reads /
+writes the subspace file (safetensors tensors ``<module>.U``, ``<module>.R``, ``<module>.sigma`` and a
+JSON document under the ``csulora`` metadata key).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .errors import CsuloraError
+from .io_utils import atomic_file
+
+FORMAT_VERSION = 1
+
+
+def randomized_svd(
+    V: torch.Tensor, rank: int, *, oversample: int = 10, power_iters: int = 2, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``rank`` SVD ``V ~ U diag(sigma) R^T`` (Halko, Martinsson & Tropp 2011, Alg. 4.4).
+
+    A Gaussian sketch of ``rank + oversample`` columns (seeded, so the result is reproducible),
+    ``power_iters`` subspace iterations re-orthonormalised by QR, then an exact SVD of the small
+    projected matrix. Falls back to an exact SVD when the sketch would not be smaller than V.
+    """
+    m, n = V.shape
+    rank = min(rank, m, n)
+    width = rank + oversample
+    if width >= min(m, n):
+        U, sigma, Vh = torch.linalg.svd(V, full_matrices=False)
+        return U[:, :rank], sigma[:rank], Vh[:rank].T
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    omega = torch.randn(n, width, generator=generator, dtype=V.dtype).to(V.device)
+    Q, _ = torch.linalg.qr(V @ omega)
+    for _ in range(power_iters):
+        Z, _ = torch.linalg.qr(V.T @ Q)
+        Q, _ = torch.linalg.qr(V @ Z)
+    U_small, sigma, Vh = torch.linalg.svd(Q.T @ V, full_matrices=False)
+    return Q @ U_small[:, :rank], sigma[:rank], Vh[:rank].T
+
+
+def choose_rank(sigma: torch.Tensor, total_energy: float, tau: float, max_rank: int) -> int:
+    """Smallest k whose top-k energy reaches ``tau * ||V||_F^2``, capped at ``max_rank`` (at least 1)."""
+    if total_energy <= 0:
+        return 1
+    cumulative = torch.cumsum(sigma.double() ** 2, dim=0)
+    reached = torch.nonzero(cumulative >= tau * total_energy)
+    k = int(reached[0]) + 1 if len(reached) else len(sigma)
+    return max(1, min(k, max_rank))
+
+
+@dataclass(frozen=True)
+class SubspaceSettings:
+    """How the rank is chosen and how the randomized SVD runs."""
+
+    rank: int | None = None
+    energy: float = 0.8
+    max_rank: int = 256
+    oversample: int = 10
+    power_iters: int = 2
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.rank is not None and self.rank < 1:
+            raise CsuloraError(f"--rank must be >= 1, got {self.rank}")
+        if not 0.0 < self.energy <= 1.0:
+            raise CsuloraError(f"--energy must be in (0, 1], got {self.energy}")
+        if self.max_rank < 1:
+            raise CsuloraError(f"--max-rank must be >= 1, got {self.max_rank}")
+        if self.oversample < 0 or self.power_iters < 0:
+            raise CsuloraError("--oversample and --power-iters must be >= 0")
+
+
+@dataclass(frozen=True)
+class ModuleBasis:
+    """One module's subspace: ``U: m x k``, ``R: n x k`` orthonormal, ``sigma`` descending."""
+
+    U: torch.Tensor
+    R: torch.Tensor
+    sigma: torch.Tensor
+    total_energy: float
+
+    @property
+    def k(self) -> int:
+        return self.U.shape[1]
+
+    @property
+    def energy_captured(self) -> float:
+        """Fraction of ``||V||_F^2`` the top-k singular values capture."""
+        if self.total_energy <= 0:
+            return 0.0
+        return float(torch.sum(self.sigma.double() ** 2)) / self.total_energy
+
+
+def module_basis(V: torch.Tensor, settings: SubspaceSettings) -> ModuleBasis:
+    """The subspace of one module's displacement, rank chosen per ``settings``."""
+    V = V.float()
+    total = _frobenius_sq(V)
+    wanted = settings.rank if settings.rank is not None else settings.max_rank
+    U, sigma, R = randomized_svd(
+        V, wanted, oversample=settings.oversample, power_iters=settings.power_iters, seed=settings.seed
+    )
+    k = U.shape[1] if settings.rank is not None else choose_rank(sigma, total, settings.energy, wanted)
+    return ModuleBasis(U[:, :k].contiguous(), R[:, :k].contiguous(), sigma[:k].contiguous(), total)
+
+
+def _frobenius_sq(V: torch.Tensor, rows: int = 1024) -> float:
+    """Exact ``||V||_F^2`` accumulated in float64 without a float64 copy of the whole matrix."""
+    return math.fsum(float(torch.sum(V[i : i + rows].double() ** 2)) for i in range(0, V.shape[0], rows))
+
+
+@dataclass
+class Subspace:
+    """Per-module bases plus the metadata that says where they came from."""
+
+    bases: Mapping[str, ModuleBasis]
+    metadata: dict = field(default_factory=dict)
+
+    def __contains__(self, module: str) -> bool:
+        return module in self.bases
+
+    def __getitem__(self, module: str) -> ModuleBasis:
+        return self.bases[module]
+
+    def modules(self) -> list[str]:
+        return list(self.bases)
+
+    def module_metadata(self) -> dict:
+        return {
+            name: {
+                "k": b.k,
+                "shape": [b.U.shape[0], b.R.shape[0]],
+                "energy": b.energy_captured,
+                "total_energy": b.total_energy,
+            }
+            for name, b in self.bases.items()
+        }
+
+    def save(self, path: str | Path, *, force: bool = False) -> Path:
+        """Write the subspace file atomically; refuses to overwrite unless ``force``."""
+        from safetensors.torch import save_file
+
+        tensors = {}
+        for name, b in self.bases.items():
+            tensors[f"{name}.U"] = b.U.float().contiguous()
+            tensors[f"{name}.R"] = b.R.float().contiguous()
+            tensors[f"{name}.sigma"] = b.sigma.float().contiguous()
+        document = dict(self.metadata) | {
+            "format_version": FORMAT_VERSION,
+            "modules": self.module_metadata(),
+        }
+        with atomic_file(path, force=force) as tmp:
+            save_file(tensors, str(tmp), metadata={"csulora": json.dumps(document)})
+        return Path(path)
+
+
+class _FileBases(Mapping):
+    """Bases read from the subspace file one module at a time, so memory holds a module, not all."""
+
+    def __init__(self, path: Path, modules: dict):
+        self.path = path
+        self.meta = modules
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.meta)
+
+    def __len__(self) -> int:
+        return len(self.meta)
+
+    def __getitem__(self, name: str) -> ModuleBasis:
+        if name not in self.meta:
+            raise KeyError(name)
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                U, R, sigma = (f.get_tensor(f"{name}.{part}") for part in ("U", "R", "sigma"))
+        except (SafetensorError, OSError) as exc:
+            raise CsuloraError(f"{self.path}: cannot read module {name} ({exc})") from None
+        return ModuleBasis(U, R, sigma, float(self.meta[name]["total_energy"]))
+
+
+def load_subspace(path: str | Path) -> Subspace:
+    """Open a subspace file written by ``Subspace.save``; module bases are read when first used."""
+    path = Path(path)
+    if not path.is_file():
+        raise CsuloraError(f"{path}: subspace file not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            keys = set(f.keys())
+    except (SafetensorError, OSError) as exc:
+        raise CsuloraError(f"{path}: unreadable subspace file ({exc})") from None
+    if "csulora" not in header:
+        raise CsuloraError(f"{path}: not a csulora subspace file (no 'csulora' metadata)")
+    try:
+        document = json.loads(header["csulora"])
+    except ValueError:
+        raise CsuloraError(f"{path}: corrupt csulora metadata") from None
+    if document.get("format_version") != FORMAT_VERSION:
+        raise CsuloraError(f"{path}: subspace format {document.get('format_version')} is not supported")
+    modules = document.get("modules", {})
+    for name in modules:
+        missing = {f"{name}.U", f"{name}.R", f"{name}.sigma"} - keys
+        if missing:
+            raise CsuloraError(f"{path}: module {name} lacks tensors {sorted(missing)}")
+    metadata = {key: value for key, value in document.items() if key != "modules"}
+    return Subspace(_FileBases(path, modules), metadata)
