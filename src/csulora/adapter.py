@@ -207,7 +207,7 @@ def write_adapter(adapter: Adapter, out: Path, corrected: dict[str, LoraFactors]
     for item in adapter.path.iterdir():
         if item.is_file() and item.name not in (CONFIG_NAME, WEIGHTS_NAME, PICKLE_WEIGHTS_NAME):
             shutil.copy2(item, out / item.name)
-    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
 
 

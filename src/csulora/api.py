@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .adapter import Adapter, load_adapter, write_adapter
 from .checkpoint import Checkpoint, match_module, tensor_digest
-from .correct import LoraFactors, truncate_to_rank
+from .correct import LoraFactors, decompose, truncate_to_rank
 from .errors import CsuloraError
 from .io_utils import atomic_dir
 from .methods import MethodParams, ModuleInputs, get_method, method_needs_basis
@@ -228,31 +228,42 @@ def _module_report(info: dict, k, rank_in: int, rank_out: int, truncation_error:
     return report | {"energy": info.get("energy")} | extra
 
 
+def _open_pair(adapter: Adapter, base, aligned, allow_pickle: bool, required: str | None):
+    """Open (base, aligned) checkpoints when ``base`` is given; aligned defaults to the adapter's model."""
+    if base is None:
+        if required:
+            raise CsuloraError(required)
+        return None, None
+    aligned = aligned or adapter.base_model
+    if aligned is None:
+        raise CsuloraError(f"{adapter.path}: no base_model_name_or_path in the config; pass --aligned")
+    return Checkpoint(base, allow_pickle=allow_pickle), Checkpoint(aligned, allow_pickle=allow_pickle)
+
+
+def _adapter_subspace(adapter, subspace, base_ckpt, aligned_ckpt, settings, progress) -> Subspace:
+    """The subspace to correct ``adapter`` with: the given one, or computed for its modules."""
+    if isinstance(subspace, Subspace):
+        return subspace
+    if subspace is not None:
+        return load_subspace(subspace)
+    if base_ckpt is None:
+        raise CsuloraError("pass --subspace SUB, or --base B (and --aligned A) to compute it")
+    return compute_subspace(base_ckpt, aligned_ckpt, adapter=adapter, settings=settings, progress=progress)
+
+
 def _run_method(adapter, method, params, subspace, base, aligned, settings, allow_pickle, progress):
     """Apply ``method`` module by module; returns the per-module results and where inputs came from."""
     spec = get_method(method)
     needs_basis = method_needs_basis(method, params)
     sources = {"names": {}, "k": {}, "subspace": None}
-    base_ckpt = aligned_ckpt = None
-    if base is not None or spec.needs_delta:
-        if base is None:
-            raise CsuloraError(f"--method {method} needs the full alignment matrix: pass --base (and --aligned)")
-        aligned = aligned or adapter.base_model
-        if aligned is None:
-            raise CsuloraError(f"{adapter.path}: no base_model_name_or_path in the config; pass --aligned")
-        base_ckpt = Checkpoint(base, allow_pickle=allow_pickle)
-        aligned_ckpt = Checkpoint(aligned, allow_pickle=allow_pickle)
+    required = (
+        f"--method {method} needs the full alignment matrix: pass --base (and --aligned)" if spec.needs_delta else None
+    )
+    base_ckpt, aligned_ckpt = _open_pair(adapter, base, aligned, allow_pickle, required)
     if needs_basis:
-        if subspace is None:
-            if base_ckpt is None:
-                raise CsuloraError("pass --subspace SUB, or --base B (and --aligned A) to compute it")
-            subspace = compute_subspace(
-                base_ckpt, aligned_ckpt, adapter=adapter, settings=settings, progress=progress
-            )
-        elif not isinstance(subspace, Subspace):
-            subspace = load_subspace(subspace)
+        subspace = _adapter_subspace(adapter, subspace, base_ckpt, aligned_ckpt, settings, progress)
         sources["subspace"] = subspace.metadata
-    deltas = {}
+    deltas = None
     if spec.needs_delta:
         names = subspace_modules(aligned_ckpt, modules=adapter.modules, targets=None, adapter=None)
         deltas = iter_deltas(base_ckpt, aligned_ckpt, names)
@@ -266,7 +277,7 @@ def _run_method(adapter, method, params, subspace, base, aligned, settings, allo
         if needs_basis:
             name, inputs.U, inputs.R = _oriented_basis(subspace, adapter, module, m, n)
             sources["k"][module] = inputs.U.shape[1]
-        if spec.needs_delta:
+        if deltas is not None:
             name, V, _, _ = next(deltas)
             inputs.V = _oriented_delta(V, adapter, module, m, n)
         if name is None:
@@ -274,3 +285,46 @@ def _run_method(adapter, method, params, subspace, base, aligned, settings, allo
         sources["names"][module] = name
         results[module] = spec.correct(lora, inputs, params)
     return results, sources
+
+
+# -- inspecting ----------------------------------------------------------------------------------
+def inspect_adapter(
+    adapter: str | Path | Adapter,
+    *,
+    subspace: str | Path | Subspace | None = None,
+    base: str | Path | None = None,
+    aligned: str | Path | None = None,
+    settings: SubspaceSettings | None = None,
+    allow_pickle: bool = False,
+    progress: bool = False,
+) -> list[dict]:
+    """The per-module decomposition of ``adapter`` (nothing is written): one row per module."""
+    adapter = adapter if isinstance(adapter, Adapter) else load_adapter(adapter, allow_pickle=allow_pickle)
+    base_ckpt, aligned_ckpt = _open_pair(adapter, base, aligned, allow_pickle, None)
+    subspace = _adapter_subspace(adapter, subspace, base_ckpt, aligned_ckpt, settings, progress)
+    rows = []
+    for module in adapter.modules:
+        lora = adapter.factors(module)
+        name, U, R = _oriented_basis(subspace, adapter, module, lora.B.shape[0], lora.A.shape[1])
+        d = decompose(lora, U, R)
+        rows.append(
+            {
+                "module": name,
+                "layer": _layer_index(name),
+                "k": U.shape[1],
+                "rank": lora.rank,
+                "energy": d.energy,
+                "rho_f": d.rho_f,
+                "rho_h": d.rho_h,
+                "rho_o": d.rho_o,
+            }
+        )
+    return rows
+
+
+def _layer_index(module: str) -> int | None:
+    """The first integer component of a module path (``model.layers.3.mlp.up_proj`` -> 3)."""
+    for part in module.split("."):
+        if part.isdigit():
+            return int(part)
+    return None

@@ -1,0 +1,205 @@
+"""The ``csulora`` command: a thin shell over the library. Errors are one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import CsuloraError
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _add_subspace_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("subspace (randomized SVD of V = aligned - base)")
+    group.add_argument("--rank", type=int, default=None, help="fixed rank k per module")
+    group.add_argument("--energy", type=float, default=0.8, help="energy fraction TAU for the rank (default 0.8)")
+    group.add_argument("--max-rank", type=int, default=256, help="cap KMAX on the energy-chosen rank (256)")
+    group.add_argument("--oversample", type=int, default=10, help="randomized SVD oversampling (10)")
+    group.add_argument("--power-iters", type=int, default=2, help="randomized SVD power iterations (2)")
+    group.add_argument("--seed", type=int, default=0, help="seed of the sketch and of --method random (0)")
+
+
+def _settings(args):
+    from .subspace import SubspaceSettings
+
+    return SubspaceSettings(
+        rank=args.rank,
+        energy=args.energy,
+        max_rank=args.max_rank,
+        oversample=args.oversample,
+        power_iters=args.power_iters,
+        seed=args.seed,
+    )
+
+
+def _add_source_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--subspace", help="subspace file from `csulora subspace`")
+    parser.add_argument("--base", help="base checkpoint (before alignment): directory or Hub id")
+    parser.add_argument("--aligned", help="aligned checkpoint (default: the adapter's base_model_name_or_path)")
+    parser.add_argument("--allow-pickle", action="store_true", help="load .bin files (weights_only=True)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def _add_method_options(parser: argparse.ArgumentParser) -> None:
+    from .methods import DEFAULT_LAM, METHODS
+
+    parser.add_argument("--method", default="csulora", choices=list(METHODS), help="correction (csulora)")
+    parser.add_argument("--lam", type=float, default=DEFAULT_LAM, help=f"csulora's lambda ({DEFAULT_LAM})")
+    parser.add_argument("--rank-mode", default="exact", choices=["exact", "keep"],
+                        help="exact: rank up to 2r; keep: best rank-r approximation")
+    parser.add_argument("--select", default="threshold", choices=["threshold", "number"], help="safelora")
+    parser.add_argument("--threshold", type=float, default=0.5, help="safelora cosine threshold (0.5)")
+    parser.add_argument("--num-proj-layers", type=int, default=10, help="safelora 'number' mode (10)")
+    parser.add_argument("--factor", type=float, default=None, help="scale: the factor c")
+    parser.add_argument("--match-lam", type=float, default=None,
+                        help="scale: match the energy of csulora at this lambda (default --lam)")
+
+
+def _params(args):
+    from .methods import MethodParams
+
+    return MethodParams(
+        lam=args.lam,
+        rank_mode=args.rank_mode,
+        select=args.select,
+        threshold=args.threshold,
+        num_proj_layers=args.num_proj_layers,
+        factor=args.factor,
+        match_lam=args.match_lam,
+        seed=args.seed,
+    )
+
+
+def cmd_subspace(args) -> int:
+    from .api import compute_subspace
+
+    if args.output.exists() and not args.force:
+        raise CsuloraError(f"{args.output}: already exists (pass --force to overwrite)")
+    subspace = compute_subspace(
+        args.base,
+        args.aligned,
+        targets=_csv(args.targets) if args.targets else None,
+        adapter=args.adapter,
+        settings=_settings(args),
+        allow_pickle=args.allow_pickle,
+        progress=not args.quiet,
+    )
+    subspace.save(args.output, force=args.force)
+    ks = [meta["k"] for meta in subspace.module_metadata().values()]
+    print(f"wrote {args.output}: {len(ks)} modules, k from {min(ks)} to {max(ks)}")
+    return 0
+
+
+def cmd_correct(args) -> int:
+    from .api import REPORT_NAME, correct_adapter
+
+    report = correct_adapter(
+        args.adapter,
+        args.output,
+        method=args.method,
+        params=_params(args),
+        subspace=args.subspace,
+        base=args.base,
+        aligned=args.aligned,
+        settings=_settings(args),
+        force=args.force,
+        allow_pickle=args.allow_pickle,
+        progress=not args.quiet,
+    )
+    kept = report["energy_after"] / report["energy_before"] if report["energy_before"] else 1.0
+    print(
+        f"wrote {args.output} ({args.method}, {len(report['modules'])} modules, "
+        f"{kept:.1%} of the update's energy kept); report in {args.output / REPORT_NAME}"
+    )
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .report import format_table, inspect_adapter, plot_decomposition
+
+    rows = inspect_adapter(
+        args.adapter,
+        subspace=args.subspace,
+        base=args.base,
+        aligned=args.aligned,
+        settings=_settings(args),
+        allow_pickle=args.allow_pickle,
+        progress=not args.quiet,
+    )
+    if args.plot:
+        plot_decomposition(rows, args.plot, force=args.force)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(format_table(rows))
+    if args.plot:
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="csulora", description="Closest Safe Update LoRA: post-hoc safety correction of LoRA adapters."
+    )
+    parser.add_argument("--version", action="version", version=f"csulora {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("subspace", help="compute the per-module safety subspaces of a (base, aligned) pair")
+    p.add_argument("--base", required=True, help="base checkpoint (before alignment)")
+    p.add_argument("--aligned", required=True, help="aligned checkpoint")
+    p.add_argument("-o", "--output", required=True, type=Path, help="subspace file to write (.safetensors)")
+    p.add_argument("--targets", help="comma-separated module names, PEFT style (q_proj,v_proj,...)")
+    p.add_argument("--adapter", help="take the modules of this PEFT adapter instead of --targets")
+    p.add_argument("--allow-pickle", action="store_true", help="load .bin files (weights_only=True)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _add_subspace_options(p)
+    p.set_defaults(func=cmd_subspace)
+
+    p = sub.add_parser("correct", help="write a corrected PEFT adapter and csulora_report.json")
+    p.add_argument("adapter", help="PEFT LoRA adapter directory (or Hub id)")
+    p.add_argument("-o", "--output", required=True, type=Path, help="output adapter directory")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    _add_source_options(p)
+    _add_method_options(p)
+    _add_subspace_options(p)
+    p.set_defaults(func=cmd_correct)
+
+    p = sub.add_parser("inspect", help="per-module decomposition of an adapter (writes nothing but --plot)")
+    p.add_argument("adapter", help="PEFT LoRA adapter directory (or Hub id)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--plot", type=Path, help="write a PNG of rho_f / rho_h / rho_o by layer")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --plot file")
+    _add_source_options(p)
+    _add_subspace_options(p)
+    p.set_defaults(func=cmd_inspect)
+
+    for module_name in ("csulora.evaluate.cli", "csulora.lab.cli"):
+        try:
+            module = __import__(module_name, fromlist=["register"])
+        except ImportError:
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CsuloraError as exc:
+        print(f"csulora: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("csulora: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

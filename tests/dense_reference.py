@@ -1,0 +1,65 @@
+"""Independent dense implementations of DESIGN.md section 1, for small matrices only."""
+
+from __future__ import annotations
+
+import torch
+
+
+def projectors(U: torch.Tensor, R: torch.Tensor):
+    P_L = U @ U.T
+    P_R = R @ R.T
+    return P_L, torch.eye(U.shape[0], dtype=U.dtype) - P_L, P_R, torch.eye(R.shape[0], dtype=R.dtype) - P_R
+
+
+def parts(dW, U, R):
+    P_L, Q_L, P_R, Q_R = projectors(U, R)
+    F = P_L @ dW @ P_R
+    H = P_L @ dW @ Q_R + Q_L @ dW @ P_R
+    O = Q_L @ dW @ Q_R
+    return F, H, O
+
+
+def energies(dW, U, R):
+    F, H, O = parts(dW, U, R)
+    e = float(torch.sum(dW**2))
+    return [float(torch.sum(X**2)) / e for X in (F, H, O)]
+
+
+def csulora_dense(dW, U, R, lam):
+    F, H, O = parts(dW, U, R)
+    _, rho_h, rho_o = energies(dW, U, R)
+    return F + H / (1 + lam * rho_h) + O / (1 + lam * rho_o)
+
+
+def csulora_dir_dense(dW, U, lam):
+    u, sigma, vh = torch.linalg.svd(dW, full_matrices=False)
+    P_L = U @ U.T
+    out = torch.zeros_like(dW)
+    for i in range(len(sigma)):
+        if sigma[i] <= 1e-12 * sigma[0]:
+            continue
+        ui = u[:, i]
+        rho = float(torch.sum((U.T @ ui) ** 2))
+        kappa = 1 / (1 + lam * (1 - rho))
+        in_part = P_L @ ui
+        out += sigma[i] * torch.outer(in_part + kappa * (ui - in_part), vh[i])
+    return out
+
+
+def safelora_dense(B, A, scale, V):
+    C = V @ V.T / torch.linalg.matrix_norm(V)
+    dW = scale * B @ A
+    projected = scale * (C @ B) @ A
+    cosine = float(torch.sum(projected * dW) / (torch.linalg.matrix_norm(projected) * torch.linalg.matrix_norm(dW)))
+    return projected, cosine
+
+
+def best_rank(M, r):
+    u, s, vh = torch.linalg.svd(M, full_matrices=False)
+    approx = (u[:, :r] * s[:r]) @ vh[:r]
+    return approx, float(torch.linalg.matrix_norm(M - approx) / torch.linalg.matrix_norm(M))
+
+
+def orthonormal(rows, cols, generator):
+    Q, _ = torch.linalg.qr(torch.randn(rows, cols, generator=generator, dtype=torch.float64))
+    return Q

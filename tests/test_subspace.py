@@ -1,0 +1,118 @@
+"""Randomized SVD, rank choice and the subspace file."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from dense_reference import orthonormal
+
+from csulora import CsuloraError, compute_subspace, load_subspace
+from csulora.subspace import SubspaceSettings, choose_rank, module_basis, randomized_svd
+
+
+def low_rank_plus_noise(m, n, rank, seed, noise=1e-3):
+    g = torch.Generator().manual_seed(seed)
+    U = orthonormal(m, rank, g)
+    R = orthonormal(n, rank, g)
+    sigma = torch.linspace(10, 1, rank, dtype=torch.float64)
+    return ((U * sigma) @ R.T + noise * torch.randn(m, n, generator=g, dtype=torch.float64)).float()
+
+
+@pytest.mark.parametrize("shape", [(200, 120), (96, 300)])
+def test_randomized_svd_matches_exact_svd(shape):
+    V = low_rank_plus_noise(*shape, rank=8, seed=1)
+    U, sigma, R = randomized_svd(V, 8, oversample=10, power_iters=2, seed=0)
+    U_ex, s_ex, Vh_ex = torch.linalg.svd(V.double(), full_matrices=False)
+    assert torch.allclose(sigma.double(), s_ex[:8], rtol=1e-4)
+    # principal angles between the subspaces: all cosines ~ 1
+    assert torch.linalg.svdvals(U_ex[:, :8].T @ U.double()).min() > 1 - 1e-5
+    assert torch.linalg.svdvals(Vh_ex[:8] @ R.double()).min() > 1 - 1e-5
+    assert torch.allclose(U.T @ U, torch.eye(8), atol=1e-5)
+
+
+def test_randomized_svd_is_seeded():
+    V = low_rank_plus_noise(80, 60, rank=30, seed=2, noise=0.5)
+    first = randomized_svd(V, 5, oversample=2, power_iters=0, seed=7)
+    again = randomized_svd(V, 5, oversample=2, power_iters=0, seed=7)
+    other = randomized_svd(V, 5, oversample=2, power_iters=0, seed=8)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not torch.equal(first[0], other[0])
+
+
+def test_choose_rank_reaches_the_energy_fraction():
+    sigma = torch.tensor([3.0, 2.0, 1.0, 0.5])
+    total = float(torch.sum(sigma**2)) + 1.0  # energy V has beyond the computed values
+    for tau in (0.1, 0.5, 0.7, 0.9, 0.99):
+        k = choose_rank(sigma, total, tau, max_rank=256)
+        captured = torch.cumsum(sigma**2, 0) / total
+        assert k == len(sigma) or captured[k - 1] >= tau
+        assert k == 1 or captured[k - 2] < tau
+    assert choose_rank(sigma, total, 0.99, max_rank=2) == 2
+
+
+def test_module_basis_energy_mode_and_fixed_rank():
+    V = low_rank_plus_noise(64, 48, rank=4, seed=3, noise=1e-2)
+    fixed = module_basis(V, SubspaceSettings(rank=6))
+    assert fixed.k == 6
+    energy = module_basis(V, SubspaceSettings(energy=0.99, max_rank=32))
+    exact = torch.linalg.svdvals(V.double())
+    assert energy.total_energy == pytest.approx(float(torch.sum(V.double() ** 2)), rel=1e-9)
+    expected_k = int(torch.nonzero(torch.cumsum(exact**2, 0) >= 0.99 * torch.sum(exact**2))[0]) + 1
+    assert energy.k == expected_k
+    assert energy.energy_captured >= 0.99 - 1e-6
+
+
+@pytest.mark.parametrize("bad", [{"rank": 0}, {"energy": 0.0}, {"energy": 1.5}, {"max_rank": 0}])
+def test_settings_are_validated(bad):
+    with pytest.raises(CsuloraError):
+        SubspaceSettings(**bad)
+
+
+def test_subspace_of_checkpoints_matches_exact_svd_and_round_trips(llama_pair, tmp_path):
+    from safetensors.torch import load_file
+
+    base, aligned = llama_pair
+    sub = compute_subspace(base, aligned, targets=["q_proj", "down_proj"], settings=SubspaceSettings(rank=3))
+    assert sorted(sub.modules()) == sorted(
+        f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.q_proj", "mlp.down_proj")
+    )
+    W_b = load_file(base / "model.safetensors")
+    name = "model.layers.1.mlp.down_proj"
+    W_a = {}
+    for f in aligned.glob("*.safetensors"):
+        W_a |= load_file(f)
+    V = (W_a[name + ".weight"].double() - W_b[name + ".weight"].double())
+    U_ex, _, Vh_ex = torch.linalg.svd(V, full_matrices=False)
+    basis = sub[name]
+    assert torch.linalg.svdvals(U_ex[:, :3].T @ basis.U.double()).min() > 0.999
+    assert torch.linalg.svdvals(Vh_ex[:3] @ basis.R.double()).min() > 0.999
+
+    path = sub.save(tmp_path / "sub.safetensors")
+    loaded = load_subspace(path)
+    assert loaded.modules() == sub.modules()
+    assert torch.equal(loaded[name].U, basis.U)
+    assert loaded.metadata["settings"]["rank"] == 3
+    assert len(loaded.metadata["base"]["sha256"]) == 64
+    with pytest.raises(CsuloraError, match="already exists"):
+        sub.save(path)
+    # same inputs, same file contents: the computation is deterministic
+    again = compute_subspace(base, aligned, targets=["q_proj", "down_proj"], settings=SubspaceSettings(rank=3))
+    assert torch.equal(again[name].U, basis.U)
+    assert again.metadata["aligned"]["sha256"] == sub.metadata["aligned"]["sha256"]
+
+
+def test_load_subspace_rejects_foreign_files(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(CsuloraError, match="not a csulora subspace"):
+        load_subspace(tmp_path / "other.safetensors")
+    (tmp_path / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(CsuloraError, match="broken.safetensors"):
+        load_subspace(tmp_path / "broken.safetensors")
+    save_file({"m.U": torch.zeros(2, 1)}, str(tmp_path / "partial.safetensors"),
+              metadata={"csulora": json.dumps({"format_version": 1, "modules": {"m": {"total_energy": 1}}})})
+    with pytest.raises(CsuloraError, match="lacks tensors"):
+        load_subspace(tmp_path / "partial.safetensors")
