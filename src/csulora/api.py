@@ -69,6 +69,8 @@ def subspace_modules(
     """Checkpoint module names to decompose: explicit ones, an adapter's, or those matching targets."""
     if adapter is not None:
         modules = adapter.modules
+        for module in modules:
+            _check_adapter_fits(adapter, aligned, module)
     if modules is not None:
         return [aligned.weight_key(module)[: -len(".weight")] for module in modules]
     if not targets:
@@ -77,6 +79,19 @@ def subspace_modules(
     if not found:
         raise CsuloraError(f"{aligned.path}: no 2-D weight matches the targets {', '.join(targets)}")
     return found
+
+
+def _check_adapter_fits(adapter: Adapter, aligned: Checkpoint, module: str) -> None:
+    """The adapter's update for ``module`` must have the shape of the checkpoint's weight."""
+    lora = adapter.factors(module, dtype=adapter.dtype(module))
+    m, n = lora.B.shape[0], lora.A.shape[1]
+    stored = aligned.shape(aligned.weight_key(module))
+    expected = (n, m) if adapter.fan_in_fan_out else (m, n)
+    if tuple(stored) != expected:
+        raise CsuloraError(
+            f"{adapter.path}: module {module} updates a {m} x {n} weight but {aligned.path} stores "
+            f"{' x '.join(map(str, stored))}; was the adapter trained on a different model?"
+        )
 
 
 def compute_subspace(
