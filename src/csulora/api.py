@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -94,6 +94,67 @@ def _check_adapter_fits(adapter: Adapter, aligned: Checkpoint, module: str) -> N
         )
 
 
+class _StreamedBases(Mapping):
+    """Module bases computed on first access, in checkpoint order, while the next module is read.
+
+    Correcting with ``--base`` walks the adapter's modules once, so only the module in hand (and the
+    one being prefetched) is ever in memory, never the whole subspace. The content digests of both
+    checkpoints are complete once the last module has been computed.
+    """
+
+    def __init__(self, base: Checkpoint, aligned: Checkpoint, names: list[str], settings, metadata, progress):
+        self.names = names
+        self.settings = settings
+        self.metadata = metadata
+        self.deltas = iter_deltas(base, aligned, names)
+        self.bar = tqdm(total=len(names), desc="subspace", disable=not progress)
+        self.digests = hashlib.sha256(), hashlib.sha256()
+        self.position = 0
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, name: str):
+        if self.position >= len(self.names) or self.names[self.position] != name:
+            raise KeyError(f"{name}: streamed bases are read once, in order")
+        module, V, digest_b, digest_a = next(self.deltas)
+        basis = module_basis(V, self.settings)
+        del V
+        self.digests[0].update(digest_b)
+        self.digests[1].update(digest_a)
+        self.position += 1
+        self.bar.update()
+        if self.position == len(self.names):
+            self.bar.close()
+            self.metadata["base"]["sha256"] = self.digests[0].hexdigest()
+            self.metadata["aligned"]["sha256"] = self.digests[1].hexdigest()
+        return basis
+
+
+def stream_subspace(
+    base: Checkpoint, aligned: Checkpoint, names: list[str], settings: SubspaceSettings, progress: bool = False
+) -> Subspace:
+    """A subspace whose bases are computed as they are first read, in the order of ``names``."""
+    metadata = {
+        "csulora_version": __version__,
+        "base": {"source": base.source, "sha256": None},
+        "aligned": {"source": aligned.source, "sha256": None},
+        "settings": {
+            "rank": settings.rank,
+            "energy": settings.energy,
+            "max_rank": settings.max_rank,
+            "oversample": settings.oversample,
+            "power_iters": settings.power_iters,
+            "seed": settings.seed,
+        },
+        "layout": "stored",
+    }
+    return Subspace(_StreamedBases(base, aligned, names, settings, metadata, progress), metadata)
+
+
 def compute_subspace(
     base: str | Path | Checkpoint,
     aligned: str | Path | Checkpoint,
@@ -116,29 +177,8 @@ def compute_subspace(
     if adapter is not None and not isinstance(adapter, Adapter):
         adapter = load_adapter(adapter, allow_pickle=allow_pickle)
     names = subspace_modules(aligned, modules=modules, targets=targets, adapter=adapter)
-    bases = {}
-    digest_b, digest_a = hashlib.sha256(), hashlib.sha256()
-    for module, V, d_b, d_a in tqdm(
-        iter_deltas(base, aligned, names), total=len(names), desc="subspace", disable=not progress
-    ):
-        bases[module] = module_basis(V, settings)
-        digest_b.update(d_b)
-        digest_a.update(d_a)
-    metadata = {
-        "csulora_version": __version__,
-        "base": {"source": base.source, "sha256": digest_b.hexdigest()},
-        "aligned": {"source": aligned.source, "sha256": digest_a.hexdigest()},
-        "settings": {
-            "rank": settings.rank,
-            "energy": settings.energy,
-            "max_rank": settings.max_rank,
-            "oversample": settings.oversample,
-            "power_iters": settings.power_iters,
-            "seed": settings.seed,
-        },
-        "layout": "stored",
-    }
-    return Subspace(bases, metadata)
+    streamed = stream_subspace(base, aligned, names, settings, progress)
+    return Subspace(dict(streamed.bases.items()), streamed.metadata)
 
 
 # -- correcting ----------------------------------------------------------------------------------
@@ -263,7 +303,8 @@ def _adapter_subspace(adapter, subspace, base_ckpt, aligned_ckpt, settings, prog
         return load_subspace(subspace)
     if base_ckpt is None:
         raise CsuloraError("pass --subspace SUB, or --base B (and --aligned A) to compute it")
-    return compute_subspace(base_ckpt, aligned_ckpt, adapter=adapter, settings=settings, progress=progress)
+    names = subspace_modules(aligned_ckpt, modules=None, targets=None, adapter=adapter)
+    return stream_subspace(base_ckpt, aligned_ckpt, names, settings or SubspaceSettings(), progress)
 
 
 def _run_method(adapter, method, params, subspace, base, aligned, settings, allow_pickle, progress):
