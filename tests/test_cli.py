@@ -240,3 +240,14 @@ def test_offline_hub_id_is_a_clear_error(tmp_path, llama_pair, llama_adapter, ca
     assert run("correct", llama_adapter, "-o", tmp_path / "o", "--base", "meta-llama/Llama-2-7b-hf", "-q") == 2
     err = capsys.readouterr().err
     assert "meta-llama/Llama-2-7b-hf" in err and "Hub" in err and err.count("\n") == 1
+
+
+def test_adapter_from_another_model_name_warns(tmp_path, llama_pair, llama_adapter, capsys):
+    base, aligned = llama_pair
+    sub = tmp_path / "sub.safetensors"
+    assert run("subspace", "--base", base, "--aligned", aligned, "--adapter", llama_adapter, "-o", sub, "-q") == 0
+    other = unsupported(tmp_path, llama_adapter, change_config={"base_model_name_or_path": "someone/other-chat"})
+    capsys.readouterr()
+    assert run("correct", other, "-o", tmp_path / "out", "--subspace", sub, "-q") == 0
+    err = capsys.readouterr().err
+    assert "csulora: warning:" in err and "someone/other-chat" in err

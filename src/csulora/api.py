@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,7 +20,7 @@ from . import __version__
 from .adapter import Adapter, load_adapter, write_adapter
 from .checkpoint import Checkpoint, match_module, tensor_digest
 from .correct import LoraFactors, decompose, truncate_to_rank
-from .errors import CsuloraError
+from .errors import CsuloraError, CsuloraWarning
 from .io_utils import atomic_dir
 from .methods import MethodParams, ModuleInputs, get_method, method_needs_basis
 from .subspace import Subspace, SubspaceSettings, load_subspace, module_basis
@@ -307,6 +308,20 @@ def _adapter_subspace(adapter, subspace, base_ckpt, aligned_ckpt, settings, prog
     return stream_subspace(base_ckpt, aligned_ckpt, names, settings or SubspaceSettings(), progress)
 
 
+def _warn_if_other_model(adapter: Adapter, metadata: dict) -> None:
+    """Shapes can match across fine-tunes of one architecture; names are the remaining clue."""
+    source = (metadata.get("aligned") or {}).get("source")
+    if not source or not adapter.base_model:
+        return
+    if Path(source).name.lower() != Path(adapter.base_model).name.lower():
+        warnings.warn(
+            f"{adapter.path}: the adapter was trained on {adapter.base_model} but the subspace was computed "
+            f"from aligned checkpoint {source}",
+            CsuloraWarning,
+            stacklevel=3,
+        )
+
+
 def _run_method(adapter, method, params, subspace, base, aligned, settings, allow_pickle, progress):
     """Apply ``method`` module by module; returns the per-module results and where inputs came from."""
     spec = get_method(method)
@@ -319,6 +334,7 @@ def _run_method(adapter, method, params, subspace, base, aligned, settings, allo
     if needs_basis:
         subspace = _adapter_subspace(adapter, subspace, base_ckpt, aligned_ckpt, settings, progress)
         sources["subspace"] = subspace.metadata
+        _warn_if_other_model(adapter, subspace.metadata)
     deltas = None
     if spec.needs_delta:
         names = subspace_modules(aligned_ckpt, modules=adapter.modules, targets=None, adapter=None)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from . import __version__
-from .errors import CsuloraError
+from .errors import CsuloraError, CsuloraWarning
 
 
 def _csv(text: str) -> list[str]:
@@ -189,8 +190,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_default_showwarning = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """Our own warnings as one line; everybody else's as Python prints them."""
+    if issubclass(category, CsuloraWarning):
+        print(f"csulora: warning: {message}", file=sys.stderr)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    warnings.showwarning = _show_warning
     try:
         return args.func(args)
     except CsuloraError as exc:

@@ -3,3 +3,7 @@
 
 class CsuloraError(Exception):
     """A user-facing error: the message names the file and the module concerned."""
+
+
+class CsuloraWarning(UserWarning):
+    """Something suspicious that does not stop the run (the CLI prints it as one line)."""
