@@ -298,10 +298,10 @@ def _open_pair(adapter: Adapter, base, aligned, allow_pickle: bool, required: st
 
 def _adapter_subspace(adapter, subspace, base_ckpt, aligned_ckpt, settings, progress) -> Subspace:
     """The subspace to correct ``adapter`` with: the given one, or computed for its modules."""
-    if isinstance(subspace, Subspace):
-        return subspace
     if subspace is not None:
-        return load_subspace(subspace)
+        subspace = subspace if isinstance(subspace, Subspace) else load_subspace(subspace)
+        _warn_if_other_model(adapter, subspace.metadata)
+        return subspace
     if base_ckpt is None:
         raise CsuloraError("pass --subspace SUB, or --base B (and --aligned A) to compute it")
     names = subspace_modules(aligned_ckpt, modules=None, targets=None, adapter=adapter)
@@ -334,7 +334,6 @@ def _run_method(adapter, method, params, subspace, base, aligned, settings, allo
     if needs_basis:
         subspace = _adapter_subspace(adapter, subspace, base_ckpt, aligned_ckpt, settings, progress)
         sources["subspace"] = subspace.metadata
-        _warn_if_other_model(adapter, subspace.metadata)
     deltas = None
     if spec.needs_delta:
         names = subspace_modules(aligned_ckpt, modules=adapter.modules, targets=None, adapter=None)
