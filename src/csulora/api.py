@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .adapter import Adapter, load_adapter, write_adapter
 from .checkpoint import Checkpoint, match_module, tensor_digest
-from .correct import LoraFactors, decompose, truncate_to_rank
+from .correct import Corrected, LoraFactors, decompose, truncate_to_rank
 from .errors import CsuloraError, CsuloraWarning
 from .io_utils import atomic_dir
 from .methods import MethodParams, ModuleInputs, get_method, method_needs_basis
@@ -236,25 +236,22 @@ def correct_adapter(
     results, sources = _run_method(
         adapter, method, params, subspace, base, aligned, settings, allow_pickle, progress
     )
-    originals = {module: adapter.factors(module) for module in adapter.modules}
     if spec.finalize is not None:
-        results = spec.finalize(originals, results, params)
-    corrected, modules_report = {}, {}
-    for module, result in results.items():
-        lora, truncation_error = result.lora, 0.0
-        if params.rank_mode == "keep" and lora.rank > adapter.rank(module):
-            lora, truncation_error = truncate_to_rank(lora, adapter.rank(module))
-        corrected[module] = lora
-        modules_report[sources["names"][module]] = _module_report(
-            result.info, sources["k"].get(module), adapter.rank(module), lora.rank, truncation_error
+        results = spec.finalize(adapter.factors, results, params)
+    corrected = {module: result.lora for module, result in results.items()}
+    modules_report = {
+        sources["names"][module]: _module_report(
+            result.info, sources["k"].get(module), adapter.rank(module), result.lora.rank
         )
+        for module, result in results.items()
+    }
     report = {
         "method": method,
         "params": {key: params.as_dict()[key] for key in spec.relevant_params},
         "csulora_version": __version__,
         "adapter": str(adapter.path),
         "subspace": sources["subspace"],
-        "energy_before": sum(_energy(originals[m]) for m in adapter.modules),
+        "energy_before": sum(_energy(adapter.factors(m)) for m in adapter.modules),
         "energy_after": sum(_energy(corrected[m]) for m in adapter.modules),
         "modules": modules_report,
     }
@@ -268,7 +265,7 @@ def _energy(lora: LoraFactors) -> float:
     return lora.scale**2 * float(torch.sum((lora.B.T @ lora.B) * (lora.A @ lora.A.T)))
 
 
-def _module_report(info: dict, k, rank_in: int, rank_out: int, truncation_error: float) -> dict:
+def _module_report(info: dict, k, rank_in: int, rank_out: int) -> dict:
     report = {
         "k": k,
         "rho_f": info.get("rho_f"),
@@ -278,7 +275,7 @@ def _module_report(info: dict, k, rank_in: int, rank_out: int, truncation_error:
         "kappa_o": info.get("kappa_o"),
         "rank_in": rank_in,
         "rank_out": rank_out,
-        "truncation_error": truncation_error,
+        "truncation_error": info.get("truncation_error", 0.0),
     }
     extra = {key: value for key, value in info.items() if key not in report and key != "energy"}
     return report | {"energy": info.get("energy")} | extra
@@ -354,7 +351,13 @@ def _run_method(adapter, method, params, subspace, base, aligned, settings, allo
         if name is None:
             name = aligned_ckpt.weight_key(module)[: -len(".weight")] if aligned_ckpt else module
         sources["names"][module] = name
-        results[module] = spec.correct(lora, inputs, params)
+        result = spec.correct(lora, inputs, params)
+        new, info = result.lora, result.info
+        if params.rank_mode == "keep" and new.rank > lora.rank:
+            new, error = truncate_to_rank(new, lora.rank)
+            info = info | {"truncation_error": error}
+        # float32 is ample for storage (adapters are saved in fp32 or lower) and halves peak memory
+        results[module] = Corrected(LoraFactors(new.B.float(), new.A.float(), new.scale), info)
     return results, sources
 
 

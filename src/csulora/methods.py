@@ -73,7 +73,8 @@ class Method:
     needs_basis: bool = True
     needs_delta: bool = False
     changes_rank: bool = False
-    finalize: Callable | None = None
+    # (original factors by module, per-module results, params) -> final results
+    finalize: Callable[[Callable[[str], LoraFactors], dict, MethodParams], dict] | None = None
     relevant_params: tuple = field(default=())
 
 
@@ -106,7 +107,7 @@ def _safelora(lora, inputs, params):
     return safelora_candidate(lora, inputs.V)
 
 
-def _safelora_finalize(originals: dict, results: dict, params: MethodParams) -> dict:
+def _safelora_finalize(original: Callable[[str], LoraFactors], results: dict, params: MethodParams) -> dict:
     """Project the modules whose cosine is below the threshold, or the ``num_proj_layers`` lowest.
 
     Each selected module is projected once (``C B``); the rest keep the trained update.
@@ -119,7 +120,7 @@ def _safelora_finalize(originals: dict, results: dict, params: MethodParams) -> 
     final = {}
     for name, result in results.items():
         projected = name in chosen
-        lora = result.lora if projected else originals[name]
+        lora = result.lora if projected else original(name)
         final[name] = Corrected(lora, result.info | {"projected": projected})
     return final
 
@@ -142,11 +143,11 @@ def energy_matched_factor(results: dict) -> float:
     return math.sqrt(matched / total) if total > 0 else 1.0
 
 
-def _scale_finalize(originals: dict, results: dict, params: MethodParams) -> dict:
+def _scale_finalize(original: Callable[[str], LoraFactors], results: dict, params: MethodParams) -> dict:
     factor = params.factor if params.factor is not None else energy_matched_factor(results)
     final = {}
     for name, result in results.items():
-        scaled = scale_update(originals[name], factor)
+        scaled = scale_update(original(name), factor)
         info = {key: value for key, value in result.info.items() if key != "matched_energy"}
         final[name] = Corrected(scaled.lora, info | scaled.info | {"kappa_h": factor, "kappa_o": factor})
     return final
