@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -66,7 +67,8 @@ def test_subspace_correct_inspect_end_to_end(tmp_path, llama_pair, llama_adapter
 def test_console_script_runs_as_a_process(tmp_path, llama_pair, llama_adapter):
     base, aligned = llama_pair
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "csulora.cli", "correct", str(llama_adapter), "-o", str(out),
+    script = Path(sys.executable).parent / "csulora"  # the console script pip installed beside python
+    cmd = [str(script), "correct", str(llama_adapter), "-o", str(out),
            "--base", str(base), "--method", "safelora", "-q"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
