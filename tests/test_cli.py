@@ -234,6 +234,11 @@ def test_usage_errors(tmp_path, llama_pair, llama_adapter, capsys):
     assert "--lam" in capsys.readouterr().err
     assert run("subspace", "--base", base, "--aligned", base, "-o", tmp_path / "s.safetensors", "-q") == 2
     assert "--targets" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert run("correct", llama_adapter, "-o", tmp_path / "o", "--base", base, "--device", "cuda", "-q") == 2
+        assert "CUDA is not available" in capsys.readouterr().err
+    assert run("correct", llama_adapter, "-o", tmp_path / "o", "--base", base, "--device", "gpu0", "-q") == 2
+    assert "not a torch device" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

@@ -23,7 +23,7 @@ from .correct import Corrected, LoraFactors, decompose, truncate_to_rank
 from .errors import CsuloraError, CsuloraWarning
 from .io_utils import atomic_dir
 from .methods import MethodParams, ModuleInputs, get_method, method_needs_basis
-from .subspace import Subspace, SubspaceSettings, load_subspace, module_basis
+from .subspace import ModuleBasis, Subspace, SubspaceSettings, load_subspace, module_basis
 
 REPORT_NAME = "csulora_report.json"
 
@@ -40,12 +40,16 @@ def _read_delta(base: Checkpoint, aligned: Checkpoint, module: str) -> tuple[tor
             f"module {module}: {aligned.path} has shape {tuple(W_a.shape)} but {base.path} has "
             f"{tuple(W_b.shape)}; base and aligned must be the same architecture"
         )
-    for W, ckpt in ((W_a, aligned), (W_b, base)):
-        if not torch.isfinite(W).all():
-            raise CsuloraError(f"{ckpt.path}: module {module} has NaN or Inf weights")
     digests = tensor_digest(W_b), tensor_digest(W_a)
     V = W_a.float()
     V -= W_b  # type promotion reads W_b in its own dtype: no float32 copy of the base weight
+    # V is finite iff both weights are (or their difference overflowed): one check on V instead of
+    # one per weight (isfinite on bf16 is as slow as on float32); the weights are checked only to name one
+    if not torch.isfinite(V).all():
+        for W, ckpt in ((W_a, aligned), (W_b, base)):
+            if not torch.isfinite(W).all():
+                raise CsuloraError(f"{ckpt.path}: module {module} has NaN or Inf weights")
+        raise CsuloraError(f"module {module}: aligned - base overflows float32 ({aligned.path}, {base.path})")
     return V, *digests
 
 
@@ -103,7 +107,8 @@ class _StreamedBases(Mapping):
     checkpoints are complete once the last module has been computed.
     """
 
-    def __init__(self, base: Checkpoint, aligned: Checkpoint, names: list[str], settings, metadata, progress):
+    def __init__(self, base: Checkpoint, aligned: Checkpoint, names: list[str], settings, metadata, progress, device):
+        self.device = device
         self.names = names
         self.settings = settings
         self.metadata = metadata
@@ -122,8 +127,10 @@ class _StreamedBases(Mapping):
         if self.position >= len(self.names) or self.names[self.position] != name:
             raise KeyError(f"{name}: streamed bases are read once, in order")
         module, V, digest_b, digest_a = next(self.deltas)
-        basis = module_basis(V, self.settings)
+        basis = module_basis(V.to(self.device), self.settings)
         del V
+        if basis.U.device.type != "cpu":
+            basis = ModuleBasis(basis.U.cpu(), basis.R.cpu(), basis.sigma.cpu(), basis.total_energy)
         self.digests[0].update(digest_b)
         self.digests[1].update(digest_a)
         self.position += 1
@@ -135,8 +142,26 @@ class _StreamedBases(Mapping):
         return basis
 
 
+def resolve_device(device: str | None) -> torch.device:
+    """``auto`` (or None) picks CUDA when present; the SVDs run there, everything else on the CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise CsuloraError(f"--device {device!r} is not a torch device") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise CsuloraError(f"--device {device}: CUDA is not available on this machine")
+    return resolved
+
+
 def stream_subspace(
-    base: Checkpoint, aligned: Checkpoint, names: list[str], settings: SubspaceSettings, progress: bool = False
+    base: Checkpoint,
+    aligned: Checkpoint,
+    names: list[str],
+    settings: SubspaceSettings,
+    progress: bool = False,
+    device: str | None = None,
 ) -> Subspace:
     """A subspace whose bases are computed as they are first read, in the order of ``names``."""
     metadata = {
@@ -153,7 +178,8 @@ def stream_subspace(
         },
         "layout": "stored",
     }
-    return Subspace(_StreamedBases(base, aligned, names, settings, metadata, progress), metadata)
+    bases = _StreamedBases(base, aligned, names, settings, metadata, progress, resolve_device(device))
+    return Subspace(bases, metadata)
 
 
 def compute_subspace(
@@ -166,6 +192,7 @@ def compute_subspace(
     settings: SubspaceSettings | None = None,
     allow_pickle: bool = False,
     progress: bool = False,
+    device: str | None = None,
 ) -> Subspace:
     """Stream both checkpoints and compute each module's safety subspace.
 
@@ -178,7 +205,7 @@ def compute_subspace(
     if adapter is not None and not isinstance(adapter, Adapter):
         adapter = load_adapter(adapter, allow_pickle=allow_pickle)
     names = subspace_modules(aligned, modules=modules, targets=targets, adapter=adapter)
-    streamed = stream_subspace(base, aligned, names, settings, progress)
+    streamed = stream_subspace(base, aligned, names, settings, progress, device)
     return Subspace(dict(streamed.bases.items()), streamed.metadata)
 
 
@@ -221,6 +248,7 @@ def correct_adapter(
     force: bool = False,
     allow_pickle: bool = False,
     progress: bool = False,
+    device: str | None = None,
 ) -> dict:
     """Correct ``adapter`` and write a PEFT adapter plus ``csulora_report.json`` into ``out``.
 
@@ -234,7 +262,7 @@ def correct_adapter(
         raise CsuloraError(f"{out}: already exists (pass --force to overwrite)")
     adapter = adapter if isinstance(adapter, Adapter) else load_adapter(adapter, allow_pickle=allow_pickle)
     results, sources = _run_method(
-        adapter, method, params, subspace, base, aligned, settings, allow_pickle, progress
+        adapter, method, params, subspace, base, aligned, settings, allow_pickle, progress, device
     )
     if spec.finalize is not None:
         results = spec.finalize(adapter.factors, results, params)
@@ -293,7 +321,7 @@ def _open_pair(adapter: Adapter, base, aligned, allow_pickle: bool, required: st
     return Checkpoint(base, allow_pickle=allow_pickle), Checkpoint(aligned, allow_pickle=allow_pickle)
 
 
-def _adapter_subspace(adapter, subspace, base_ckpt, aligned_ckpt, settings, progress) -> Subspace:
+def _adapter_subspace(adapter, subspace, base_ckpt, aligned_ckpt, settings, progress, device=None) -> Subspace:
     """The subspace to correct ``adapter`` with: the given one, or computed for its modules."""
     if subspace is not None:
         subspace = subspace if isinstance(subspace, Subspace) else load_subspace(subspace)
@@ -302,7 +330,7 @@ def _adapter_subspace(adapter, subspace, base_ckpt, aligned_ckpt, settings, prog
     if base_ckpt is None:
         raise CsuloraError("pass --subspace SUB, or --base B (and --aligned A) to compute it")
     names = subspace_modules(aligned_ckpt, modules=None, targets=None, adapter=adapter)
-    return stream_subspace(base_ckpt, aligned_ckpt, names, settings or SubspaceSettings(), progress)
+    return stream_subspace(base_ckpt, aligned_ckpt, names, settings or SubspaceSettings(), progress, device)
 
 
 def _warn_if_other_model(adapter: Adapter, metadata: dict) -> None:
@@ -319,7 +347,7 @@ def _warn_if_other_model(adapter: Adapter, metadata: dict) -> None:
         )
 
 
-def _run_method(adapter, method, params, subspace, base, aligned, settings, allow_pickle, progress):
+def _run_method(adapter, method, params, subspace, base, aligned, settings, allow_pickle, progress, device):
     """Apply ``method`` module by module; returns the per-module results and where inputs came from."""
     spec = get_method(method)
     needs_basis = method_needs_basis(method, params)
@@ -329,7 +357,7 @@ def _run_method(adapter, method, params, subspace, base, aligned, settings, allo
     )
     base_ckpt, aligned_ckpt = _open_pair(adapter, base, aligned, allow_pickle, required)
     if needs_basis:
-        subspace = _adapter_subspace(adapter, subspace, base_ckpt, aligned_ckpt, settings, progress)
+        subspace = _adapter_subspace(adapter, subspace, base_ckpt, aligned_ckpt, settings, progress, device)
         sources["subspace"] = subspace.metadata
     deltas = None
     if spec.needs_delta:
@@ -371,11 +399,12 @@ def inspect_adapter(
     settings: SubspaceSettings | None = None,
     allow_pickle: bool = False,
     progress: bool = False,
+    device: str | None = None,
 ) -> list[dict]:
     """The per-module decomposition of ``adapter`` (nothing is written): one row per module."""
     adapter = adapter if isinstance(adapter, Adapter) else load_adapter(adapter, allow_pickle=allow_pickle)
     base_ckpt, aligned_ckpt = _open_pair(adapter, base, aligned, allow_pickle, None)
-    subspace = _adapter_subspace(adapter, subspace, base_ckpt, aligned_ckpt, settings, progress)
+    subspace = _adapter_subspace(adapter, subspace, base_ckpt, aligned_ckpt, settings, progress, device)
     rows = []
     for module in adapter.modules:
         lora = adapter.factors(module)

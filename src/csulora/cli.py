@@ -24,6 +24,7 @@ def _add_subspace_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--oversample", type=int, default=10, help="randomized SVD oversampling (10)")
     group.add_argument("--power-iters", type=int, default=2, help="randomized SVD power iterations (2)")
     group.add_argument("--seed", type=int, default=0, help="seed of the sketch and of --method random (0)")
+    group.add_argument("--device", default="auto", help="where the SVDs run: auto (CUDA if present), cpu, cuda:N")
 
 
 def _settings(args):
@@ -90,6 +91,7 @@ def cmd_subspace(args) -> int:
         settings=_settings(args),
         allow_pickle=args.allow_pickle,
         progress=not args.quiet,
+        device=args.device,
     )
     subspace.save(args.output, force=args.force)
     ks = [meta["k"] for meta in subspace.module_metadata().values()]
@@ -112,6 +114,7 @@ def cmd_correct(args) -> int:
         force=args.force,
         allow_pickle=args.allow_pickle,
         progress=not args.quiet,
+        device=args.device,
     )
     kept = report["energy_after"] / report["energy_before"] if report["energy_before"] else 1.0
     print(
@@ -132,6 +135,7 @@ def cmd_inspect(args) -> int:
         settings=_settings(args),
         allow_pickle=args.allow_pickle,
         progress=not args.quiet,
+        device=args.device,
     )
     if args.plot:
         plot_decomposition(rows, args.plot, force=args.force)
