@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import resolve_local
+from .checkpoint import natural_key, resolve_local
 from .correct import LoraFactors
 from .errors import CsuloraError
 
@@ -161,11 +161,7 @@ def _lora_modules(state: dict[str, torch.Tensor], path: Path) -> list[str]:
     for module, sides in modules.items():
         if sides != {"A", "B"}:
             raise CsuloraError(f"{path}: module {module} has lora_{sides.pop()} but not its pair")
-    return sorted(modules, key=_natural_key)
-
-
-def _natural_key(name: str):
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+    return sorted(modules, key=natural_key)
 
 
 def _check_module(adapter: Adapter, module: str) -> None:

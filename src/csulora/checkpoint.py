@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -171,7 +172,12 @@ class Checkpoint:
             module = key[: -len(".weight")]
             if any(module == t or module.endswith("." + t) for t in targets):
                 found.append(module)
-        return found
+        return sorted(found, key=natural_key)
+
+
+def natural_key(name: str) -> list:
+    """Sort key that puts ``layers.2`` before ``layers.10``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 def match_module(module: str, available: list[str]) -> str | None:
