@@ -41,7 +41,7 @@ def _read_delta(base: Checkpoint, aligned: Checkpoint, module: str) -> tuple[tor
             f"{tuple(W_b.shape)}; base and aligned must be the same architecture"
         )
     digests = tensor_digest(W_b), tensor_digest(W_a)
-    V = W_a.float()
+    V = W_a.to(torch.float32, copy=True)  # a float32 W_a must not be modified in place below
     V -= W_b  # type promotion reads W_b in its own dtype: no float32 copy of the base weight
     # V is finite iff both weights are (or their difference overflowed): one check on V instead of
     # one per weight (isfinite on bf16 is as slow as on float32); the weights are checked only to name one

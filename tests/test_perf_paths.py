@@ -1,0 +1,92 @@
+"""The performance-tuned paths give the same results as the straightforward ones."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from csulora.api import _read_delta, iter_deltas
+from csulora.checkpoint import Checkpoint
+from csulora.errors import CsuloraError
+from csulora.subspace import SubspaceSettings, _frobenius_sq, module_basis
+
+
+def _checkpoint(path, tensors):
+    path.mkdir()
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "model.safetensors"))
+    return Checkpoint(path)
+
+
+def _pair(tmp_path, dtype=torch.bfloat16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base, aligned = {}, {}
+    for i, shape in enumerate([(40, 24), (24, 40), (16, 16)]):
+        W = torch.randn(shape, generator=g) * 0.02
+        base[f"layers.{i}.proj.weight"] = W.to(dtype)
+        aligned[f"layers.{i}.proj.weight"] = (W + 0.005 * torch.randn(shape, generator=g)).to(dtype)
+    return _checkpoint(tmp_path / "base", base), _checkpoint(tmp_path / "aligned", aligned), base, aligned
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (7, 3), (1500, 33), (2049, 5)])
+def test_frobenius_sq_matches_float64_sum(shape):
+    V = torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 3
+    straightforward = math.fsum(V.double().flatten().pow(2).tolist())
+    assert _frobenius_sq(V) == pytest.approx(straightforward, rel=1e-13)
+    assert _frobenius_sq(V, rows=7) == pytest.approx(straightforward, rel=1e-13)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_read_delta_matches_straightforward(tmp_path, dtype):
+    base, aligned, W_b, W_a = _pair(tmp_path, dtype)
+    modules = [f"layers.{i}.proj" for i in range(3)]
+    for module in modules:
+        V, _, _ = _read_delta(base, aligned, module)
+        key = module + ".weight"
+        assert V.dtype == torch.float32
+        assert torch.equal(V, W_a[key].float() - W_b[key].float())
+    # the prefetching iterator yields the same, in order
+    streamed = list(iter_deltas(base, aligned, modules))
+    assert [m for m, *_ in streamed] == modules
+    for (module, V, d_b, d_a), expected in zip(streamed, modules, strict=True):
+        V2, d_b2, d_a2 = _read_delta(base, aligned, expected)
+        assert module == expected and torch.equal(V, V2) and (d_b, d_a) == (d_b2, d_a2)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("side", ["base", "aligned"])
+def test_read_delta_names_the_checkpoint_with_nonfinite_weights(tmp_path, bad, side):
+    W = torch.randn(8, 4).to(torch.bfloat16)
+    broken = W.clone()
+    broken[3, 1] = bad
+    base = _checkpoint(tmp_path / "base", {"m.weight": broken if side == "base" else W})
+    aligned = _checkpoint(tmp_path / "aligned", {"m.weight": broken if side == "aligned" else W})
+    with pytest.raises(CsuloraError, match=f"{side}: module m has NaN or Inf"):
+        _read_delta(base, aligned, "m")
+
+
+def test_read_delta_refuses_float32_overflow(tmp_path):
+    big = torch.full((4, 4), 3e38)
+    base = _checkpoint(tmp_path / "base", {"m.weight": -big})
+    aligned = _checkpoint(tmp_path / "aligned", {"m.weight": big})
+    with pytest.raises(CsuloraError, match="overflows float32"):
+        _read_delta(base, aligned, "m")
+
+
+def test_module_basis_matches_exact_svd_on_low_rank_plus_noise():
+    g = torch.Generator().manual_seed(3)
+    m, n, r = 300, 200, 12
+    left = torch.linalg.qr(torch.randn(m, r, generator=g))[0]
+    right = torch.linalg.qr(torch.randn(n, r, generator=g))[0]
+    V = (left * torch.exp(-torch.arange(r) / 3.0)) @ right.T + 1e-3 * torch.randn(m, n, generator=g)
+    basis = module_basis(V, SubspaceSettings(max_rank=64))
+    U, S, Vh = torch.linalg.svd(V.double(), full_matrices=False)
+    total = float(torch.sum(V.double() ** 2))
+    assert basis.total_energy == pytest.approx(total, rel=1e-12)
+    k = basis.k
+    assert k == int(torch.nonzero(torch.cumsum(S**2, 0) >= 0.8 * total)[0]) + 1
+    cosines = torch.linalg.svdvals(basis.U.double().T @ U[:, :k])
+    assert float(cosines.min()) > 1 - 1e-6
+    assert torch.allclose(basis.sigma.double(), S[:k], rtol=1e-5)
