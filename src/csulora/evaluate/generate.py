@@ -6,6 +6,7 @@ at the same position, and are decoded without the prompt: the judges see only th
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -34,7 +35,9 @@ def load_model(model: str | Path, adapter: str | Path | None = None, *, merge: b
 
         adapter_path = resolve_local(adapter, allow_patterns=["*.json", "*.safetensors", "*.md"])
         try:
-            lm = PeftModel.from_pretrained(lm, adapter_path)
+            with warnings.catch_warnings():  # PEFT calls a method transformers 5 deprecates; harmless
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+                lm = PeftModel.from_pretrained(lm, adapter_path)
         except (OSError, ValueError, RuntimeError) as exc:
             raise CsuloraError(f"{adapter}: cannot load the adapter ({str(exc).splitlines()[0]})") from None
         if merge:
