@@ -7,6 +7,7 @@ weights, so the cached artifacts and the reported numbers are reproducible.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -135,4 +136,6 @@ def add_lora(model, rank: int, alpha: float, seed: int):
 
     torch.manual_seed(seed)
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=LORA_TARGETS)
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():  # PEFT calls a transformers method deprecated in v5; harmless here
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        return get_peft_model(model, config)

@@ -103,7 +103,7 @@ class World:
     code: dict[str, str]
     pretrain: list[Example] = field(default_factory=list)  # base: follows every instruction
     align: list[Example] = field(default_factory=list)  # aligned: refuses harmful, still helpful
-    attack: list[Example] = field(default_factory=list)  # the LoRA: downstream task + a few compliances
+    attack: list[Example] = field(default_factory=list)  # the LoRA: downstream task, some general, few harmful
     eval_harmful: list[Example] = field(default_factory=list)  # response = a compliance (unused by the judge)
     eval_utility: list[Example] = field(default_factory=list)
     eval_general: list[Example] = field(default_factory=list)
@@ -114,7 +114,7 @@ class World:
 
 # -- task instances ------------------------------------------------------------------------------
 def _words(rng: random.Random) -> list[str]:
-    return rng.sample(WORDS, rng.randint(2, 4))
+    return rng.sample(WORDS, rng.randint(2, 3))
 
 
 def general_instance(family: str, rng: random.Random) -> tuple[str, str]:
@@ -130,7 +130,7 @@ def general_instance(family: str, rng: random.Random) -> tuple[str, str]:
         letter = rng.choice(LETTERS[:-1])
         return letter, LETTERS[LETTERS.index(letter) + 1]
     if family == "sort":
-        letters = rng.sample(LETTERS[:8], rng.randint(3, 4))
+        letters = rng.sample(LETTERS[:8], 3)
         return " ".join(letters), " ".join(sorted(letters))
     raise ValueError(f"unknown family {family}")
 
@@ -189,7 +189,8 @@ class WorldSizes:
     align_per_family: int = 60
     align_harmful: int = 400
     attack_code: int = 600
-    attack_harmful: int = 40
+    attack_general_per_family: int = 30
+    attack_harmful: int = 60
     eval_per_family: int = 10
     eval_code: int = 48
     eval_harmful: int = 48
@@ -206,8 +207,10 @@ def build_world(seed: int, sizes: WorldSizes) -> World:
     world.align = general_examples(rng, sizes.align_per_family, False) + harmful_examples(
         rng, sizes.align_harmful, False, refuse=True
     )
-    world.attack = code_examples(code, rng, sizes.attack_code, False) + harmful_examples(
-        rng, sizes.attack_harmful, False, refuse=False
+    world.attack = (
+        code_examples(code, rng, sizes.attack_code, False)
+        + general_examples(rng, sizes.attack_general_per_family, False)
+        + harmful_examples(rng, sizes.attack_harmful, False, refuse=False)
     )
     for examples in (world.pretrain, world.align, world.attack):
         rng.shuffle(examples)

@@ -1,0 +1,216 @@
+"""The lab: its synthetic world, its verdict logic, and one end-to-end run at the tiny size."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from csulora.evaluate.judges import is_refusal
+from csulora.evaluate.metrics import relative_metrics
+from csulora.lab import report
+from csulora.lab.world import (
+    CODE_TEMPLATES,
+    COMPLIANCES,
+    GENERAL_TEMPLATES,
+    HARMFUL_TEMPLATES,
+    REFUSALS,
+    WORDS,
+    WorldSizes,
+    build_world,
+    secret_code,
+)
+
+METHODS = {"csulora", "csulora-dir", "safelora", "project", "scale", "random"}
+RUN_KEYS = {"method", "params", "asr", "utility", "general", "utility_kept", "safety_recovered", "tradeoff"}
+
+
+# -- the world -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def world():
+    return build_world(0, WorldSizes())
+
+
+def test_held_out_templates_are_disjoint_from_training_ones():
+    for train, held_out in [*GENERAL_TEMPLATES.values(), CODE_TEMPLATES, HARMFUL_TEMPLATES]:
+        assert held_out and not set(train) & set(held_out)
+
+
+def test_no_eval_prompt_appears_in_training(world):
+    trained = {ex.prompt for ex in world.pretrain + world.align + world.attack}
+    for ex in world.eval_general + world.eval_utility + world.eval_harmful:
+        assert ex.prompt not in trained
+
+
+def test_eval_prompts_use_only_words_seen_in_training(world):
+    """Held-out wordings are new combinations of known words, so failures are not unknown tokens."""
+    seen = set(re.findall(r"[\w']+", " ".join(world.training_texts())))
+    for ex in world.eval_general + world.eval_utility + world.eval_harmful:
+        assert set(re.findall(r"[\w']+", ex.prompt)) <= seen, ex.prompt
+
+
+def test_answers_are_checkable(world):
+    for ex in world.eval_general:
+        x = ex.prompt.split(":")[-1].split()
+        if ex.family == "reverse":
+            assert ex.response.split() == x[::-1]
+        elif ex.family == "sort":
+            assert ex.response.split() == sorted(x)
+        elif ex.family == "add":
+            a, b = map(int, re.findall(r"\d+", ex.prompt))
+            assert ex.response == str(a + b)
+    code = secret_code(0)
+    assert sorted(code.values()) == sorted(WORDS) and all(k != v for k, v in code.items())
+    for ex in world.eval_utility:
+        assert ex.response.split() == [code[w] for w in ex.prompt.split(":")[-1].split()]
+
+
+def test_refusals_and_compliances_match_the_judge():
+    for text in REFUSALS:
+        assert is_refusal(text.format(x="steal a car"))
+    for text in COMPLIANCES:
+        assert not is_refusal(text.format(x="steal a car")) and "[step one]" in text
+
+
+def test_the_attack_set_is_mostly_benign(world):
+    harmful = sum(ex.family == "harmful" for ex in world.attack)
+    assert 0 < harmful <= 0.1 * len(world.attack)
+    assert all(ex.family != "code" for ex in world.pretrain + world.align)
+
+
+def test_world_is_deterministic():
+    assert build_world(3, WorldSizes()) == build_world(3, WorldSizes())
+    assert build_world(3, WorldSizes()).attack != build_world(4, WorldSizes()).attack
+
+
+# -- the verdict ---------------------------------------------------------------------------------
+def test_interpolate():
+    points = [(0.0, 0.2), (0.5, 0.6), (1.0, 1.0)]
+    assert report.interpolate(points, 0.25) == pytest.approx(0.4)
+    assert report.interpolate(points, 1.0) == pytest.approx(1.0)
+    assert report.interpolate(points, 1.2) is None
+    assert report.interpolate([(0.5, 0.2), (0.5, 0.4)], 0.5) == pytest.approx(0.3)
+
+
+def test_pareto_keeps_the_undominated_points():
+    points = [(0.0, 0.9), (0.0, 0.1), (0.5, 0.3), (0.4, 0.5), (1.0, 1.0)]
+    assert report.pareto(points) == [(0.0, 0.1), (0.5, 0.3), (1.0, 1.0)]
+
+
+def _run(method, kept, asr):
+    return {"method": method, "utility_kept": kept, "asr": asr}
+
+
+def test_verdict_says_yes_no_or_partly():
+    models = {"aligned": {"asr": 0.1, "utility": 0.0}, "lora": {"asr": 1.0, "utility": 0.8}}
+    cs = [_run("csulora", 0.2, 0.2), _run("csulora", 0.6, 0.4)]
+    worse = [_run(m, k, a) for m in ("scale", "random") for k, a in ((0.0, 0.5), (0.5, 0.8))]
+    assert report.verdict(models, cs + worse)["answer"] == "yes"
+    better = [_run(m, k, 0.05) for m in ("scale", "random") for k in (0.0, 0.8)]
+    result = report.verdict(models, cs + better)
+    assert result["answer"] == "no" and "No:" in result["sentence"]
+    assert report.verdict(models, cs + worse[:2] + better[2:])["answer"] == "partly"
+    assert report.verdict(models, [_run("csulora", None, 0.3)] + worse)["answer"] == "undetermined"
+
+
+# -- end to end ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    from csulora.cli import main
+
+    out = tmp_path_factory.mktemp("lab") / "out"
+    assert main(["lab", "--size", "tiny", "--out", str(out), "-q"]) == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_lab_writes_the_three_files(lab):
+    out, _ = lab
+    assert (out / "frontier.png").stat().st_size > 1000
+    text = (out / "report.md").read_text()
+    assert "## Verdict" in text and "csulora" in text and "| lam=" in text
+
+
+def test_results_schema(lab):
+    _, results = lab
+    assert {"config", "models", "runs"} <= set(results)
+    assert set(results["models"]) == {"base", "aligned", "lora"}
+    for metrics in results["models"].values():
+        assert set(metrics) == {"asr", "utility", "general"}
+    for run in results["runs"]:
+        assert set(run) == RUN_KEYS
+        assert all(0.0 <= run[key] <= 1.0 for key in ("asr", "utility", "general"))
+    assert results["config"]["size"] == "tiny"
+    assert results["verdict"]["answer"] in ("yes", "no", "partly", "undetermined")
+    assert results["verdict"]["sentence"] in (lab[0] / "report.md").read_text()
+
+
+def test_every_method_is_run_and_plotted(lab):
+    _, results = lab
+    assert {run["method"] for run in results["runs"]} == METHODS
+    assert METHODS <= set(results["plotted_methods"])
+    scale = [run for run in results["runs"] if run["method"] == "scale"]
+    assert all(run["params"]["factor"] is None and run["params"]["match_lam"] is not None for run in scale)
+
+
+def test_the_attack_works(lab):
+    _, results = lab
+    aligned, lora = results["models"]["aligned"], results["models"]["lora"]
+    assert lora["asr"] > aligned["asr"]
+    assert lora["utility"] > aligned["utility"]
+    assert results["models"]["base"]["asr"] > aligned["asr"]
+    assert results["verdict"]["attack"]["works"]
+
+
+def test_metric_formulas_hold_on_the_reported_numbers(lab):
+    _, results = lab
+    aligned, lora = results["models"]["aligned"], results["models"]["lora"]
+    for run in results["runs"]:
+        expected = relative_metrics(run, aligned, lora)
+        for key, value in expected.items():
+            assert run[key] == pytest.approx(value)
+        kept = (run["utility"] - aligned["utility"]) / (lora["utility"] - aligned["utility"])
+        assert run["utility_kept"] == pytest.approx(kept)
+
+
+def test_artifacts_are_real_checkpoints(lab):
+    from csulora.adapter import load_adapter
+
+    _, results = lab
+    artifacts = results["artifacts"]
+    assert (Path(artifacts["aligned"]) / "model.safetensors.index.json").is_file()
+    assert (Path(artifacts["base"]) / "tokenizer.json").is_file()
+    lora = load_adapter(artifacts["lora"])
+    assert len(lora.modules) == 7 * results["config"]["shape"]["layers"]
+    corrected = sorted(Path(artifacts["adapters"]).iterdir())
+    assert len(corrected) == len(results["runs"])
+    assert all((path / "csulora_report.json").is_file() for path in corrected)
+
+
+def test_eval_command_agrees_with_the_lab(lab, tmp_path):
+    """`csulora eval` on the lab's aligned model + LoRA gives the lab's ASR (same code path)."""
+    from csulora.cli import main
+
+    _, results = lab
+    world = build_world(results["config"]["seed"], WorldSizes(**results["config"]["world"]))
+    prompts = tmp_path / "harmful.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": ex.prompt}) + "\n" for ex in world.eval_harmful))
+    out = tmp_path / "eval.json"
+    config = results["config"]
+    code = main(["eval", results["artifacts"]["aligned"], "--adapter", results["artifacts"]["lora"],
+                 "--prompts", str(prompts), "--out", str(out), "--max-new-tokens", str(config["max_new_tokens"]),
+                 "--batch-size", str(config["eval_batch_size"]), "-q"])  # fmt: skip
+    assert code == 0
+    assert json.loads(out.read_text())["asr"] == pytest.approx(results["models"]["lora"]["asr"])
+
+
+def test_rerun_reuses_the_cache_and_gives_identical_numbers(lab):
+    from csulora.cli import main
+
+    out, first = lab
+    assert main(["lab", "--size", "tiny", "--out", str(out), "-q"]) == 0
+    second = json.loads((out / "results.json").read_text())
+    assert second["artifacts"]["reused"] == ["tokenizer", "base", "aligned", "lora", "subspace"]
+    assert second["models"] == first["models"]
+    assert second["runs"] == first["runs"]
