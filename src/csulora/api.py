@@ -22,6 +22,7 @@ from .checkpoint import Checkpoint, match_module, tensor_digest
 from .correct import Corrected, LoraFactors, decompose, truncate_to_rank
 from .errors import CsuloraError, CsuloraWarning
 from .io_utils import atomic_dir
+from .memory import release_freed_memory
 from .methods import MethodParams, ModuleInputs, get_method, method_needs_basis
 from .subspace import ModuleBasis, Subspace, SubspaceSettings, load_subspace, module_basis
 
@@ -129,6 +130,7 @@ class _StreamedBases(Mapping):
         module, V, digest_b, digest_a = next(self.deltas)
         basis = module_basis(V.to(self.device), self.settings)
         del V
+        release_freed_memory()
         if basis.U.device.type != "cpu":
             basis = ModuleBasis(basis.U.cpu(), basis.R.cpu(), basis.sigma.cpu(), basis.total_energy)
         self.digests[0].update(digest_b)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import CsuloraError, CsuloraWarning
+from .memory import map_large_allocations
 
 
 def _csv(text: str) -> list[str]:
@@ -208,6 +209,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.showwarning = _show_warning
+    map_large_allocations()  # big tensors freed module by module go straight back to the OS
     try:
         return args.func(args)
     except CsuloraError as exc:
