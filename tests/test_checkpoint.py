@@ -91,12 +91,3 @@ def test_atomic_file_refuses_to_overwrite(tmp_path):
         tmp.write_text("two")
     assert target.read_text() == "one" and [p.name for p in tmp_path.iterdir()] == ["f.bin"]
 
-
-def test_memory_helpers_are_safe_to_call():
-    from csulora.memory import map_large_allocations, release_freed_memory
-
-    map_large_allocations(1 << 20)
-    release_freed_memory()
-    big = torch.empty(1 << 22)
-    del big
-    release_freed_memory()
