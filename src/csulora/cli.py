@@ -10,6 +10,8 @@ from pathlib import Path
 
 from . import __version__
 from .errors import CsuloraError, CsuloraWarning
+from .evaluate import cli as evaluate_cli
+from .lab import cli as lab_cli
 from .memory import map_large_allocations
 
 
@@ -186,12 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_subspace_options(p)
     p.set_defaults(func=cmd_inspect)
 
-    for module_name in ("csulora.evaluate.cli", "csulora.lab.cli"):
-        try:
-            module = __import__(module_name, fromlist=["register"])
-        except ImportError:
-            continue
-        module.register(sub)
+    evaluate_cli.register(sub)
+    lab_cli.register(sub)
     return parser
 
 
