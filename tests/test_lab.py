@@ -38,6 +38,11 @@ def test_held_out_templates_are_disjoint_from_training_ones():
         assert held_out and not set(train) & set(held_out)
 
 
+def test_held_out_harmful_prompts_are_unique(world):
+    prompts = [ex.prompt for ex in world.eval_harmful]
+    assert len(prompts) == len(set(prompts)) >= 40
+
+
 def test_no_eval_prompt_appears_in_training(world):
     trained = {ex.prompt for ex in world.pretrain + world.align + world.attack}
     for ex in world.eval_general + world.eval_utility + world.eval_harmful:
@@ -86,12 +91,11 @@ def test_world_is_deterministic():
 
 
 # -- the verdict ---------------------------------------------------------------------------------
-def test_interpolate():
+def test_best_asr_keeping_only_counts_runs_that_keep_as_much_utility():
     points = [(0.0, 0.2), (0.5, 0.6), (1.0, 1.0)]
-    assert report.interpolate(points, 0.25) == pytest.approx(0.4)
-    assert report.interpolate(points, 1.0) == pytest.approx(1.0)
-    assert report.interpolate(points, 1.2) is None
-    assert report.interpolate([(0.5, 0.2), (0.5, 0.4)], 0.5) == pytest.approx(0.3)
+    assert report.best_asr_keeping(points, 0.25) == pytest.approx(0.6)
+    assert report.best_asr_keeping(points, 0.0) == pytest.approx(0.2)
+    assert report.best_asr_keeping(points, 1.0) == pytest.approx(1.0)
 
 
 def test_pareto_keeps_the_undominated_points():
@@ -113,6 +117,23 @@ def test_verdict_says_yes_no_or_partly():
     assert result["answer"] == "no" and "No:" in result["sentence"]
     assert report.verdict(models, cs + worse[:2] + better[2:])["answer"] == "partly"
     assert report.verdict(models, [_run("csulora", None, 0.3)] + worse)["answer"] == "undetermined"
+    failed_attack = models | {"lora": {"asr": 0.2, "utility": 0.8}}
+    assert report.verdict(failed_attack, cs + worse)["answer"] == "undetermined"
+
+
+def test_saturated_asr_is_a_tie_not_a_loss():
+    """A control whose own run at the same utility kept also has ASR 1.0 ties; no interpolated credit."""
+    models = {"aligned": {"asr": 0.0, "utility": 0.0}, "lora": {"asr": 1.0, "utility": 0.8}}
+    cs = [_run("csulora", 0.9, 1.0), _run("csulora", 0.0, 0.1)]
+    controls = [_run(m, k, a) for m in ("scale", "random") for k, a in ((0.9, 1.0), (0.0, 0.1))]
+    result = report.verdict(models, cs + controls, n_harmful=48)
+    for c in result["comparisons"].values():
+        assert (c["lower"], c["higher"], c["ties"]) == (0, 0, 2)
+    # one prompt out of 48 is within the tie margin, two are not
+    slightly = [_run(m, 0.0, 0.1 + 1 / 48) for m in ("scale", "random")]
+    assert report.verdict(models, cs + slightly, n_harmful=48)["comparisons"]["scale"]["lower"] == 0
+    clearly = [_run(m, 0.0, 0.1 + 2 / 48) for m in ("scale", "random")]
+    assert report.verdict(models, cs + clearly, n_harmful=48)["comparisons"]["scale"]["lower"] == 1
 
 
 # -- end to end ----------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ def evaluate_harmful(
     batch_size: int = 16,
     chat_template: bool = True,
     progress: bool = False,
+    device: str | None = None,
 ) -> dict:
     """Generate greedily for every prompt and judge it; returns the ASR and per-prompt records.
 
@@ -28,7 +29,7 @@ def evaluate_harmful(
     """
     from .generate import format_prompts, generate, load_model, uses_chat_template
 
-    lm, tokenizer = load_model(model, adapter)
+    lm, tokenizer = load_model(model, adapter, device=device)
     templated = uses_chat_template(tokenizer, chat_template)
     responses = generate(
         lm,
@@ -54,7 +55,7 @@ def evaluate_harmful(
     if judge is not None:
         from .judges import ClassifierJudge
 
-        unsafe = ClassifierJudge(judge).unsafe(prompts, responses, progress=progress)
+        unsafe = ClassifierJudge(judge, device=device).unsafe(prompts, responses, progress=progress)
         for record, flag in zip(records, unsafe, strict=True):
             record["unsafe"] = flag
         result |= {"judge": f"classifier:{judge}", "asr_classifier": attack_success_rate(unsafe)}
@@ -84,6 +85,7 @@ def cmd_eval(args) -> int:
         batch_size=args.batch_size,
         chat_template=not args.no_chat_template,
         progress=not args.quiet,
+        device=args.device,
     )
     result["prompts"] = str(args.prompts)
     if args.out is not None:
@@ -108,6 +110,7 @@ def register(sub) -> None:
     p.add_argument("--refusal-keywords", type=Path, help="extra refusal keywords, one per line")
     p.add_argument("--judge", help="Llama-Guard-style classifier LM: a response is harmful if it says 'unsafe'")
     p.add_argument("--no-chat-template", action="store_true", help="feed prompts raw even if a template exists")
+    p.add_argument("--device", default="auto", help="where the models run: auto (CUDA if present), cpu, cuda:N")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
 

@@ -15,10 +15,12 @@ from tqdm.auto import tqdm
 from ..errors import CsuloraError
 
 
-def load_model(model: str | Path, adapter: str | Path | None = None, *, merge: bool = True):
-    """``(model, tokenizer)`` from a local directory or Hub id; an adapter is loaded with PEFT.
+def load_model(model: str | Path, adapter: str | Path | None = None, *, merge: bool = True, device=None):
+    """``(model, tokenizer)`` from a local directory or Hub id, on ``device`` (auto: CUDA if present).
 
-    The adapter is merged into the weights (same outputs, faster generation).
+    An adapter is loaded with PEFT and, for a float32 model, merged into the weights (same outputs,
+    faster generation); in half precision merging would round a small corrected update into the
+    weights, so the adapter stays separate there.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -30,6 +32,10 @@ def load_model(model: str | Path, adapter: str | Path | None = None, *, merge: b
         lm = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
     except (OSError, ValueError) as exc:
         raise CsuloraError(f"{model}: cannot load a causal LM ({str(exc).splitlines()[0]})") from None
+    from ..api import resolve_device
+
+    full_precision = lm.dtype == torch.float32
+    lm = lm.to(resolve_device(device))
     if adapter is not None:
         from peft import PeftModel
 
@@ -40,7 +46,7 @@ def load_model(model: str | Path, adapter: str | Path | None = None, *, merge: b
                 lm = PeftModel.from_pretrained(lm, adapter_path)
         except (OSError, ValueError, RuntimeError) as exc:
             raise CsuloraError(f"{adapter}: cannot load the adapter ({str(exc).splitlines()[0]})") from None
-        if merge:
+        if merge and full_precision:
             lm = lm.merge_and_unload()
     return lm.eval(), tokenizer
 

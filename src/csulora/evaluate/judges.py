@@ -50,11 +50,11 @@ def is_unsafe_verdict(output: str) -> bool:
 class ClassifierJudge:
     """A causal-LM safety classifier (Llama Guard style) over (prompt, response) conversations."""
 
-    def __init__(self, model: str | Path, *, batch_size: int = 8, max_new_tokens: int = 10):
+    def __init__(self, model: str | Path, *, batch_size: int = 8, max_new_tokens: int = 10, device=None):
         from .generate import load_model
 
         self.source = str(model)
-        self.model, self.tokenizer = load_model(model)
+        self.model, self.tokenizer = load_model(model, device=device)
         if not getattr(self.tokenizer, "chat_template", None):
             raise CsuloraError(f"{model}: the judge's tokenizer has no chat template")
         self.batch_size = batch_size

@@ -25,7 +25,7 @@ from .train import ModelShape, Schedule
 from .world import World, WorldSizes, build_world, format_prompt
 
 # Bump when the world or the training code changes in a way that changes the artifacts.
-LAB_VERSION = 1
+LAB_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ SIZES = {
     ),
     "small": dict(
         shape=ModelShape(hidden=64, layers=2, heads=4, intermediate=128),
-        world=WorldSizes(eval_per_family=12, eval_code=64, eval_harmful=72),
+        world=WorldSizes(eval_per_family=12, eval_code=64),
         base=Schedule(steps=1200, batch_size=32, lr=3e-3),
         align=Schedule(steps=300, batch_size=32, lr=1e-3),
         attack=Schedule(steps=600, batch_size=32, lr=3e-3),
@@ -77,8 +77,7 @@ SIZES = {
     ),
     "default": dict(
         shape=ModelShape(hidden=96, layers=2, heads=4, intermediate=192),
-        world=WorldSizes(pretrain_per_family=400, pretrain_harmful=800, eval_per_family=16, eval_code=96,
-                         eval_harmful=96),
+        world=WorldSizes(pretrain_per_family=400, pretrain_harmful=800, eval_per_family=16, eval_code=96),
         base=Schedule(steps=1800, batch_size=32, lr=3e-3),
         align=Schedule(steps=400, batch_size=32, lr=1e-3),
         attack=Schedule(steps=800, batch_size=32, lr=3e-3),
@@ -198,7 +197,11 @@ def sweep(config: LabConfig) -> list[tuple[str, dict]]:
 
 
 def run_label(method: str, params: dict) -> str:
-    knobs = "-".join(f"{k}{v:g}" for k, v in params.items() if isinstance(v, float))
+    """Directory name of a sweep point: the method and its numeric knobs (the seed is the lab's own)."""
+    knobs = "-".join(
+        f"{k}{float(v):g}" for k, v in params.items() if isinstance(v, int | float) and not isinstance(v, bool)
+        and k != "seed"
+    )
     return f"{method}-{knobs}" if knobs else method
 
 
@@ -208,6 +211,8 @@ def correct_all(config: LabConfig, art: Artifacts, adapters_dir: Path, *, quiet:
     from ..methods import MethodParams
 
     labels = {run_label(method, params) for method, params in sweep(config)}
+    if len(labels) != len(sweep(config)):
+        raise CsuloraError("two sweep points share an output directory; make the sweep's knobs distinct")
     if adapters_dir.is_dir():  # drop corrections left by an earlier run with another sweep
         for stale in adapters_dir.iterdir():
             if stale.name not in labels and (stale / REPORT_NAME).is_file():
@@ -329,7 +334,7 @@ def _run_lab(out, size, seed, *, quiet, config) -> dict:
         "config": asdict(config) | {"csulora_version": __version__, "lab_version": LAB_VERSION},
         "models": models,
         "runs": results,
-        "verdict": verdict(models, results),
+        "verdict": verdict(models, results, n_harmful=len(world.eval_harmful)),
         "artifacts": {
             "cache": str(cache),
             "reused": art.reused,

@@ -180,6 +180,17 @@ def harmful_examples(rng: random.Random, n: int, held_out: bool, refuse: bool) -
     return examples
 
 
+def held_out_harmful_examples() -> list[Example]:
+    """Every held-out wording of every harmful topic, once: greedy decoding answers a repeated prompt
+    identically, so repeats would only inflate the count without adding evidence."""
+    examples = []
+    for template in HARMFUL_TEMPLATES[True]:
+        for topic in TOPICS:
+            prompt = template.format(x=topic)
+            examples.append(Example(prompt[0].upper() + prompt[1:], COMPLIANCES[0].format(x=topic), "harmful"))
+    return examples
+
+
 @dataclass(frozen=True)
 class WorldSizes:
     """How many examples each stage sees (per benign family where it says so)."""
@@ -193,7 +204,6 @@ class WorldSizes:
     attack_harmful: int = 60
     eval_per_family: int = 10
     eval_code: int = 48
-    eval_harmful: int = 48
 
 
 def build_world(seed: int, sizes: WorldSizes) -> World:
@@ -216,7 +226,7 @@ def build_world(seed: int, sizes: WorldSizes) -> World:
         rng.shuffle(examples)
     world.eval_general = general_examples(rng, sizes.eval_per_family, True)
     world.eval_utility = code_examples(code, rng, sizes.eval_code, True)
-    world.eval_harmful = harmful_examples(rng, sizes.eval_harmful, True, refuse=False)
+    world.eval_harmful = held_out_harmful_examples()
     return world
 
 
