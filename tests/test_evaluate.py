@@ -175,3 +175,15 @@ def test_eval_bad_input_is_one_line(chat_model, tmp_path, capsys):
     assert main(["eval", str(tmp_path / "no-model"), "--prompts", str(prompts)]) == 2
     assert "no-model" in capsys.readouterr().err
     assert main(["eval", str(model), "--prompts", str(prompts), "--max-new-tokens", "0"]) == 2
+
+
+def test_tasks_need_an_answer(tmp_path):
+    from csulora.evaluate.prompts import load_tasks
+
+    good = tmp_path / "t.jsonl"
+    good.write_text('{"prompt": "1+1?", "answer": "2"}\n')
+    assert load_tasks(good) == [("1+1?", "2")]
+    bad = tmp_path / "b.csv"
+    bad.write_text("prompt,answer\n1+1?,\n")
+    with pytest.raises(CsuloraError, match="line 2 has no non-empty 'answer'"):
+        load_tasks(bad)

@@ -217,13 +217,19 @@ def test_eval_command_agrees_with_the_lab(lab, tmp_path):
     world = build_world(results["config"]["seed"], WorldSizes(**results["config"]["world"]))
     prompts = tmp_path / "harmful.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": ex.prompt}) + "\n" for ex in world.eval_harmful))
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("".join(json.dumps({"prompt": ex.prompt, "answer": ex.response}) + "\n"
+                             for ex in world.eval_utility))
     out = tmp_path / "eval.json"
     config = results["config"]
     code = main(["eval", results["artifacts"]["aligned"], "--adapter", results["artifacts"]["lora"],
-                 "--prompts", str(prompts), "--out", str(out), "--max-new-tokens", str(config["max_new_tokens"]),
+                 "--prompts", str(prompts), "--tasks", str(tasks), "--out", str(out),
+                 "--max-new-tokens", str(config["max_new_tokens"]),
                  "--batch-size", str(config["eval_batch_size"]), "-q"])  # fmt: skip
     assert code == 0
-    assert json.loads(out.read_text())["asr"] == pytest.approx(results["models"]["lora"]["asr"])
+    evaluation = json.loads(out.read_text())
+    assert evaluation["asr"] == pytest.approx(results["models"]["lora"]["asr"])
+    assert evaluation["utility"] == pytest.approx(results["models"]["lora"]["utility"])
 
 
 def test_rerun_reuses_the_cache_and_gives_identical_numbers(lab):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..io_utils import atomic_file
 from .judges import REFUSAL_KEYWORDS, is_refusal, load_keywords
-from .metrics import attack_success_rate
+from .metrics import accuracy, attack_success_rate
 
 
 def evaluate_harmful(
@@ -22,6 +22,7 @@ def evaluate_harmful(
     chat_template: bool = True,
     progress: bool = False,
     device: str | None = None,
+    tasks: list[tuple[str, str]] | None = None,
 ) -> dict:
     """Generate greedily for every prompt and judge it; returns the ASR and per-prompt records.
 
@@ -31,16 +32,20 @@ def evaluate_harmful(
 
     lm, tokenizer = load_model(model, adapter, device=device)
     templated = uses_chat_template(tokenizer, chat_template)
-    responses = generate(
-        lm,
-        tokenizer,
-        format_prompts(tokenizer, prompts, chat_template),
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        add_special_tokens=not templated,
-        progress=progress,
-    )
-    del lm
+    def respond(texts: list[str]) -> list[str]:
+        return generate(
+            lm,
+            tokenizer,
+            format_prompts(tokenizer, texts, chat_template),
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            add_special_tokens=not templated,
+            progress=progress,
+        )
+
+    responses = respond(prompts)
+    task_responses = respond([prompt for prompt, _ in tasks]) if tasks else []
+    lm = None  # free the model before a classifier judge is loaded
     refused = [is_refusal(r, keywords) for r in responses]
     records = [{"prompt": p, "response": r, "refused": f} for p, r, f in zip(prompts, responses, refused, strict=True)]
     result = {
@@ -52,6 +57,13 @@ def evaluate_harmful(
         "n": len(prompts),
         "asr_keyword": attack_success_rate([not f for f in refused]),
     }
+    if tasks:
+        answers = [answer for _, answer in tasks]
+        result["utility"] = accuracy(task_responses, answers)
+        result["n_tasks"] = len(tasks)
+        result["tasks"] = [
+            {"prompt": p, "answer": a, "response": r} for (p, a), r in zip(tasks, task_responses, strict=True)
+        ]
     if judge is not None:
         from .judges import ClassifierJudge
 
@@ -65,7 +77,7 @@ def evaluate_harmful(
 
 def cmd_eval(args) -> int:
     from ..errors import CsuloraError
-    from .prompts import load_prompts
+    from .prompts import load_prompts, load_tasks
 
     if args.max_new_tokens < 1 or args.batch_size < 1:
         raise CsuloraError("--max-new-tokens and --batch-size must be >= 1")
@@ -86,6 +98,7 @@ def cmd_eval(args) -> int:
         chat_template=not args.no_chat_template,
         progress=not args.quiet,
         device=args.device,
+        tasks=load_tasks(args.tasks) if args.tasks else None,
     )
     result["prompts"] = str(args.prompts)
     if args.out is not None:
@@ -103,6 +116,8 @@ def register(sub) -> None:
     p.add_argument("model", help="causal LM: local directory or Hub id")
     p.add_argument("--adapter", help="PEFT adapter directory to load on the model")
     p.add_argument("--prompts", required=True, type=Path, help="harmful prompts: .jsonl (field prompt) or .csv")
+    p.add_argument("--tasks", type=Path,
+                   help="utility: .jsonl/.csv of prompt + answer; scored by exact match of the response")
     p.add_argument("--out", type=Path, help="write the per-prompt responses and the ASR as JSON")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")
     p.add_argument("--max-new-tokens", type=int, default=64, help="greedy generation length (64)")

@@ -21,8 +21,8 @@ def _field(row: dict, path: Path, where: str) -> str:
     raise CsuloraError(f"{path}: {where} has no non-empty 'prompt' (or 'text' / 'instruction') field")
 
 
-def _read_jsonl(path: Path, text: str) -> list[str]:
-    prompts = []
+def _read_jsonl(path: Path, text: str) -> list[tuple[str, dict]]:
+    rows = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -32,22 +32,22 @@ def _read_jsonl(path: Path, text: str) -> list[str]:
             raise CsuloraError(f"{path}: line {number} is not valid JSON") from None
         if not isinstance(row, dict):
             raise CsuloraError(f"{path}: line {number} is not a JSON object")
-        prompts.append(_field(row, path, f"line {number}"))
-    return prompts
+        rows.append((f"line {number}", row))
+    return rows
 
 
-def _read_csv(path: Path, text: str) -> list[str]:
+def _read_csv(path: Path, text: str) -> list[tuple[str, dict]]:
     reader = csv.DictReader(text.splitlines())
     if not reader.fieldnames or not any(name in reader.fieldnames for name in FIELDS):
         raise CsuloraError(f"{path}: no 'prompt' column in the CSV header")
     try:
-        return [_field(row, path, f"line {reader.line_num}") for row in reader]
+        return [(f"line {reader.line_num}", row) for row in reader]
     except csv.Error as exc:
         raise CsuloraError(f"{path}: invalid CSV ({exc})") from None
 
 
-def load_prompts(path: str | Path) -> list[str]:
-    """The prompts of a ``.jsonl`` / ``.json`` (one object per line) or ``.csv`` file, in order."""
+def _read_rows(path: str | Path) -> tuple[Path, list[tuple[str, dict]]]:
+    """``(where, row)`` for each record of a ``.jsonl`` / ``.json`` (one object per line) or ``.csv`` file."""
     path = Path(path)
     if not path.is_file():
         raise CsuloraError(f"{path}: no such file")
@@ -57,11 +57,29 @@ def load_prompts(path: str | Path) -> list[str]:
         raise CsuloraError(f"{path}: cannot read the prompts ({exc.__class__.__name__})") from None
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
-        prompts = _read_jsonl(path, text)
+        rows = _read_jsonl(path, text)
     elif suffix == ".csv":
-        prompts = _read_csv(path, text)
+        rows = _read_csv(path, text)
     else:
         raise CsuloraError(f"{path}: unsupported prompt file (expected .jsonl or .csv)")
-    if not prompts:
+    if not rows:
         raise CsuloraError(f"{path}: no prompts")
-    return prompts
+    return path, rows
+
+
+def load_prompts(path: str | Path) -> list[str]:
+    """The prompts of a ``.jsonl`` / ``.json`` (one object per line) or ``.csv`` file, in order."""
+    path, rows = _read_rows(path)
+    return [_field(row, path, where) for where, row in rows]
+
+
+def load_tasks(path: str | Path) -> list[tuple[str, str]]:
+    """``(prompt, answer)`` pairs for the utility score: a prompt field plus a non-empty ``answer``."""
+    path, rows = _read_rows(path)
+    tasks = []
+    for where, row in rows:
+        answer = row.get("answer")
+        if not isinstance(answer, str) or not answer.strip():
+            raise CsuloraError(f"{path}: {where} has no non-empty 'answer' field")
+        tasks.append((_field(row, path, where), answer))
+    return tasks
