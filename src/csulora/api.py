@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .adapter import Adapter, load_adapter, write_adapter
 from .checkpoint import Checkpoint, match_module, tensor_digest
-from .correct import Corrected, LoraFactors, decompose, truncate_to_rank
+from .correct import Corrected, LoraFactors, decompose, frobenius_sq, truncate_to_rank
 from .errors import CsuloraError, CsuloraWarning
 from .io_utils import atomic_dir
 from .memory import release_freed_memory
@@ -292,7 +292,7 @@ def correct_adapter(
 
 
 def _energy(lora: LoraFactors) -> float:
-    return lora.scale**2 * float(torch.sum((lora.B.T @ lora.B) * (lora.A @ lora.A.T)))
+    return lora.scale**2 * frobenius_sq(lora.B, lora.A)
 
 
 def _module_report(info: dict, k, rank_in: int, rank_out: int) -> dict:

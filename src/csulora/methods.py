@@ -72,7 +72,6 @@ class Method:
     correct: Callable[[LoraFactors, ModuleInputs, MethodParams], Corrected]
     needs_basis: bool = True
     needs_delta: bool = False
-    changes_rank: bool = False
     # (original factors by module, per-module results, params) -> final results
     finalize: Callable[[Callable[[str], LoraFactors], dict, MethodParams], dict] | None = None
     relevant_params: tuple = field(default=())
@@ -154,7 +153,7 @@ def _scale_finalize(original: Callable[[str], LoraFactors], results: dict, param
 
 
 METHODS: dict[str, Method] = {
-    "csulora": Method(_csulora, changes_rank=True, relevant_params=("lam", "rank_mode")),
+    "csulora": Method(_csulora, relevant_params=("lam", "rank_mode")),
     "csulora-dir": Method(_csulora_dir, relevant_params=("lam",)),
     "safelora": Method(
         _safelora,
@@ -165,7 +164,7 @@ METHODS: dict[str, Method] = {
     ),
     "project": Method(_project),
     "scale": Method(_scale, finalize=_scale_finalize, relevant_params=("factor", "match_lam", "lam")),
-    "random": Method(_random, changes_rank=True, relevant_params=("lam", "rank_mode", "seed")),
+    "random": Method(_random, relevant_params=("lam", "rank_mode", "seed")),
 }
 
 
