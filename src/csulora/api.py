@@ -11,6 +11,7 @@ import json
 import warnings
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -89,8 +90,8 @@ def subspace_modules(
 
 def _check_adapter_fits(adapter: Adapter, aligned: Checkpoint, module: str) -> None:
     """The adapter's update for ``module`` must have the shape of the checkpoint's weight."""
-    lora = adapter.factors(module, dtype=adapter.dtype(module))
-    m, n = lora.B.shape[0], lora.A.shape[1]
+    m = adapter.state[adapter.key(module, "B")].shape[0]
+    n = adapter.state[adapter.key(module, "A")].shape[1]
     stored = aligned.shape(aligned.weight_key(module))
     expected = (n, m) if adapter.fan_in_fan_out else (m, n)
     if tuple(stored) != expected:
@@ -170,14 +171,7 @@ def stream_subspace(
         "csulora_version": __version__,
         "base": {"source": base.source, "sha256": None},
         "aligned": {"source": aligned.source, "sha256": None},
-        "settings": {
-            "rank": settings.rank,
-            "energy": settings.energy,
-            "max_rank": settings.max_rank,
-            "oversample": settings.oversample,
-            "power_iters": settings.power_iters,
-            "seed": settings.seed,
-        },
+        "settings": asdict(settings),
         "layout": "stored",
     }
     bases = _StreamedBases(base, aligned, names, settings, metadata, progress, resolve_device(device))

@@ -134,10 +134,6 @@ class Checkpoint:
     def shape(self, key: str) -> tuple[int, ...]:
         return self._shapes[key]
 
-    def config(self) -> dict:
-        file = self.path / "config.json"
-        return json.loads(file.read_text()) if file.is_file() else {}
-
     def read(self, key: str) -> torch.Tensor:
         """One tensor in its stored dtype; the shard is closed again before returning."""
         if key not in self.weight_map:
