@@ -34,14 +34,28 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 SHAPES = {
     "llama3.2-1b": dict(
-        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-        num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True,
-        rope_theta=500000.0, max_position_embeddings=131072,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+        rope_theta=500000.0,
+        max_position_embeddings=131072,
     ),
     "llama2-7b": dict(
-        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=32, head_dim=128, vocab_size=32000, tie_word_embeddings=False,
-        rope_theta=10000.0, max_position_embeddings=4096,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        head_dim=128,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+        rope_theta=10000.0,
+        max_position_embeddings=4096,
     ),
 }
 
@@ -125,8 +139,15 @@ def write_pair(workdir: Path, cfg: dict, shard_bytes: int, seed: int = 0) -> tup
         (d / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
         )
-        config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-                  "rms_norm_eps": 1e-5, "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2} | cfg
+        config = {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_act": "silu",
+            "rms_norm_eps": 1e-5,
+            "torch_dtype": "bfloat16",
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+        } | cfg
         (d / "config.json").write_text(json.dumps(config, indent=2))
     return base_dir, aligned_dir
 
@@ -160,10 +181,21 @@ def write_adapter(workdir: Path, cfg: dict, aligned_dir: Path, r: int = 16, seed
         state[f"base_model.model.{module}.lora_B.weight"] = torch.randn(m, r, generator=gen) * 0.01
     save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 2 * r, "lora_dropout": 0.0,
-        "target_modules": TARGETS, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
-        "use_dora": False, "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {},
-        "base_model_name_or_path": str(aligned_dir), "inference_mode": True,
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": r,
+        "lora_alpha": 2 * r,
+        "lora_dropout": 0.0,
+        "target_modules": TARGETS,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "base_model_name_or_path": str(aligned_dir),
+        "inference_mode": True,
     }
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
     return out
@@ -189,8 +221,7 @@ def measure(cmd: list[str]) -> dict:
     """
     with tempfile.NamedTemporaryFile("r", suffix=".time") as stats:
         start = time.perf_counter()
-        proc = subprocess.run([TIME, "-q", "-f", "%e %U %S %M", "-o", stats.name, *cmd], capture_output=True,
-                              text=True)
+        proc = subprocess.run([TIME, "-q", "-f", "%e %U %S %M", "-o", stats.name, *cmd], capture_output=True, text=True)
         wall = time.perf_counter() - start
         if proc.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
@@ -261,9 +292,17 @@ def accuracy(base_dir: Path, aligned_dir: Path, exact_file: Path, modules: list[
                 energy_ratios.append(captured / best)
                 angles_u.append(_largest_angle(b.U, U_e[:, :k]))
                 angles_r.append(_largest_angle(b.R, R_e[:, :k]))
-            rows.append({"p": p, "q": q, "energy_ratio_min": min(energy_ratios),
-                         "angle_u_max": max(angles_u), "angle_r_max": max(angles_r),
-                         "k_match": f"{k_match}/{len(modules)}", "time": sum(times)})
+            rows.append(
+                {
+                    "p": p,
+                    "q": q,
+                    "energy_ratio_min": min(energy_ratios),
+                    "angle_u_max": max(angles_u),
+                    "angle_r_max": max(angles_r),
+                    "k_match": f"{k_match}/{len(modules)}",
+                    "time": sum(times),
+                }
+            )
     return rows
 
 
@@ -351,87 +390,167 @@ def main() -> None:
         prep()
         result = measure(cmd)
         rows.append({"step": label, "scope": scope, **result, "note": note})
-        print(f"{label} [{scope}]: {result['wall']:.2f} s wall, {result['cpu']:.2f} s cpu, "
-              f"{result['rss_mb']:.0f} MB peak RSS", file=sys.stderr)
+        print(
+            f"{label} [{scope}]: {result['wall']:.2f} s wall, {result['cpu']:.2f} s cpu, "
+            f"{result['rss_mb']:.0f} MB peak RSS",
+            file=sys.stderr,
+        )
         return result
 
-    baseline = run("baseline: python -c 'import csulora.cli; import csulora.api'",
-                   [sys.executable, "-c", "import csulora.cli, csulora.api"], "-")
+    baseline = run(
+        "baseline: python -c 'import csulora.cli; import csulora.api'",
+        [sys.executable, "-c", "import csulora.cli, csulora.api"],
+        "-",
+    )
     sub_full = work / "subspace.safetensors"
     sub_sample = work / "subspace-sample.safetensors"
-    full = run("csulora subspace", csulora_cmd("subspace", "--base", str(base_dir), "--aligned", str(aligned_dir),
-               "--targets", ",".join(TARGETS), "-o", str(sub_full), "--force", "-q"),
-               f"all {layers} layers, {7 * layers} modules")
-    ours_sample = run("csulora subspace", csulora_cmd(
-        "subspace", "--base", str(base_dir), "--aligned", str(aligned_dir),
-        "--targets", ",".join(m[len("model."):] for m in sample_modules), "-o", str(sub_sample), "--force", "-q"),
-        f"layers {args.sample_layers} ({len(sample_modules)} modules)")
+    full = run(
+        "csulora subspace",
+        csulora_cmd(
+            "subspace",
+            "--base",
+            str(base_dir),
+            "--aligned",
+            str(aligned_dir),
+            "--targets",
+            ",".join(TARGETS),
+            "-o",
+            str(sub_full),
+            "--force",
+            "-q",
+        ),
+        f"all {layers} layers, {7 * layers} modules",
+    )
+    ours_sample = run(
+        "csulora subspace",
+        csulora_cmd(
+            "subspace",
+            "--base",
+            str(base_dir),
+            "--aligned",
+            str(aligned_dir),
+            "--targets",
+            ",".join(m[len("model.") :] for m in sample_modules),
+            "-o",
+            str(sub_sample),
+            "--force",
+            "-q",
+        ),
+        f"layers {args.sample_layers} ({len(sample_modules)} modules)",
+    )
     corrected = work / "corrected"
-    run("csulora correct --subspace", csulora_cmd(
-        "correct", str(adapter_dir), "-o", str(corrected), "--subspace", str(sub_full), "--force", "-q"),
-        f"adapter r=16 on {7 * layers} modules")
-    run("csulora correct --method safelora", csulora_cmd(
-        "correct", str(adapter_dir), "-o", str(work / "corrected-safelora"), "--method", "safelora",
-        "--base", str(base_dir), "--aligned", str(aligned_dir), "--force", "-q"),
-        f"adapter r=16 on {7 * layers} modules", "streams V per module (no subspace)")
+    run(
+        "csulora correct --subspace",
+        csulora_cmd("correct", str(adapter_dir), "-o", str(corrected), "--subspace", str(sub_full), "--force", "-q"),
+        f"adapter r=16 on {7 * layers} modules",
+    )
+    run(
+        "csulora correct --method safelora",
+        csulora_cmd(
+            "correct",
+            str(adapter_dir),
+            "-o",
+            str(work / "corrected-safelora"),
+            "--method",
+            "safelora",
+            "--base",
+            str(base_dir),
+            "--aligned",
+            str(aligned_dir),
+            "--force",
+            "-q",
+        ),
+        f"adapter r=16 on {7 * layers} modules",
+        "streams V per module (no subspace)",
+    )
 
     naive, acc, ov = None, [], None
     exact_file = work / "exact-sample.safetensors"
     if not args.skip_naive:
-        naive = run("naive (transformers + full SVD + V V^T)", [
-            sys.executable, __file__, "--naive-worker", "--base", str(base_dir), "--aligned", str(aligned_dir),
-            "--modules", ",".join(sample_modules), "--exact-out", str(exact_file)],
-            f"layers {args.sample_layers} ({len(sample_modules)} modules)", "loads both full models")
+        naive = run(
+            "naive (transformers + full SVD + V V^T)",
+            [
+                sys.executable,
+                __file__,
+                "--naive-worker",
+                "--base",
+                str(base_dir),
+                "--aligned",
+                str(aligned_dir),
+                "--modules",
+                ",".join(sample_modules),
+                "--exact-out",
+                str(exact_file),
+            ],
+            f"layers {args.sample_layers} ({len(sample_modules)} modules)",
+            "loads both full models",
+        )
         detail = json.loads(naive["stdout"].strip().splitlines()[-1])
         naive["load"] = detail["load"]
         naive["compute"] = sum(v["total"] for v in detail["modules"].values())
         naive["svd"] = sum(v["svd"] for v in detail["modules"].values())
-        acc = accuracy(base_dir, aligned_dir, exact_file, sample_modules,
-                       [(10, 0), (10, 1), (10, 2), (20, 2), (10, 3)])
+        acc = accuracy(base_dir, aligned_dir, exact_file, sample_modules, [(10, 0), (10, 1), (10, 2), (20, 2), (10, 3)])
         ov = overlap(base_dir, aligned_dir, sample_modules)
 
     # -- the report --
     sizes = [math.prod(shape) for _, shape, target in tensor_shapes(cfg) if target]
     pair_mb = 2 * max(sizes) * 2 / 2**20
-    out = [f"## csulora at {args.shape} shapes" + (f" (first {layers} layers only)" if args.layers else ""),
-           "",
-           f"Date {date.today()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
-           f"torch {torch.__version__} ({torch.get_num_threads()} threads), load average at the end "
-           f"{os.getloadavg()[0]:.1f} (other jobs share the cores: wall times are noisy, CPU times less so). "
-           f"Checkpoints: bf16, "
-           f"{ckpt_gb:.2f} GB each, sharded with an index; page cache "
-           + ("warm" if args.warm else "evicted (posix_fadvise DONTNEED) before every run") + ".",
-           "",
-           "| step | scope | wall s | CPU s | peak RSS MB | RSS - baseline MB | (RSS - baseline) / largest pair |",
-           "|---|---|---:|---:|---:|---:|---:|"]
+    out = [
+        f"## csulora at {args.shape} shapes" + (f" (first {layers} layers only)" if args.layers else ""),
+        "",
+        f"Date {date.today()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), load average at the end "
+        f"{os.getloadavg()[0]:.1f} (other jobs share the cores: wall times are noisy, CPU times less so). "
+        f"Checkpoints: bf16, "
+        f"{ckpt_gb:.2f} GB each, sharded with an index; page cache "
+        + ("warm" if args.warm else "evicted (posix_fadvise DONTNEED) before every run")
+        + ".",
+        "",
+        "| step | scope | wall s | CPU s | peak RSS MB | RSS - baseline MB | (RSS - baseline) / largest pair |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
     for row in rows:
         extra = row["rss_mb"] - baseline["rss_mb"]
-        out.append(f"| {row['step']} | {row['scope']} | {row['wall']:.2f} | {row['cpu']:.2f} | {row['rss_mb']:.0f} | "
-                   f"{extra:.0f} | {extra / pair_mb:.1f} |")
-    out += ["", f"Largest module pair (base + aligned, bf16): {pair_mb:.0f} MB. Subspace file: "
-            f"{sub_full.stat().st_size / 2**20:.0f} MB ({_k_summary(sub_full)})."]
+        out.append(
+            f"| {row['step']} | {row['scope']} | {row['wall']:.2f} | {row['cpu']:.2f} | {row['rss_mb']:.0f} | "
+            f"{extra:.0f} | {extra / pair_mb:.1f} |"
+        )
+    out += [
+        "",
+        f"Largest module pair (base + aligned, bf16): {pair_mb:.0f} MB. Subspace file: "
+        f"{sub_full.stat().st_size / 2**20:.0f} MB ({_k_summary(sub_full)}).",
+    ]
     if naive:
         frac = len(sample) / layers
         naive_full = naive["load"] + naive["compute"] / frac
-        out += ["",
-                f"Naive way on layers {args.sample_layers}: {naive['wall']:.1f} s wall = "
-                f"{naive['load']:.1f} s loading both models with `from_pretrained` + {naive['svd']:.1f} s full SVD + "
-                f"{naive['compute'] - naive['svd']:.1f} s Safe LoRA `V V^T`; peak RSS {naive['rss_mb']:.0f} MB.",
-                f"- same sample, ours: {ours_sample['wall']:.1f} s wall, {ours_sample['rss_mb']:.0f} MB -> "
-                f"**{naive['wall'] / ours_sample['wall']:.1f}x faster**, "
-                f"{naive['rss_mb'] / ours_sample['rss_mb']:.1f}x less memory (measured);",
-                f"- whole model: naive extrapolated (load + compute x {1 / frac:.0f}) {naive_full:.0f} s vs ours "
-                f"measured {full['wall']:.1f} s -> **{naive_full / full['wall']:.1f}x faster** (extrapolated).",
-                "", "Randomized vs exact SVD on the sampled modules (k by energy 0.8, cap 256):", "",
-                "| oversample p | power iters q | min captured-energy ratio | max angle U (deg) | "
-                "max angle R (deg) | k equal to exact | time s |",
-                "|---:|---:|---:|---:|---:|---:|---:|"]
+        out += [
+            "",
+            f"Naive way on layers {args.sample_layers}: {naive['wall']:.1f} s wall = "
+            f"{naive['load']:.1f} s loading both models with `from_pretrained` + {naive['svd']:.1f} s full SVD + "
+            f"{naive['compute'] - naive['svd']:.1f} s Safe LoRA `V V^T`; peak RSS {naive['rss_mb']:.0f} MB.",
+            f"- same sample, ours: {ours_sample['wall']:.1f} s wall, {ours_sample['rss_mb']:.0f} MB -> "
+            f"**{naive['wall'] / ours_sample['wall']:.1f}x faster**, "
+            f"{naive['rss_mb'] / ours_sample['rss_mb']:.1f}x less memory (measured);",
+            f"- whole model: naive extrapolated (load + compute x {1 / frac:.0f}) {naive_full:.0f} s vs ours "
+            f"measured {full['wall']:.1f} s -> **{naive_full / full['wall']:.1f}x faster** (extrapolated).",
+            "",
+            "Randomized vs exact SVD on the sampled modules (k by energy 0.8, cap 256):",
+            "",
+            "| oversample p | power iters q | min captured-energy ratio | max angle U (deg) | "
+            "max angle R (deg) | k equal to exact | time s |",
+            "|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for r in acc:
-            out.append(f"| {r['p']} | {r['q']} | {r['energy_ratio_min']:.6f} | {r['angle_u_max']:.3f} | "
-                       f"{r['angle_r_max']:.3f} | {r['k_match']} | {r['time']:.2f} |")
-        out += ["", f"Prefetch overlap on the sampled modules (in-process, cold cache): read only {ov['read']:.1f} s, "
-                f"compute only {ov['compute']:.1f} s, sum {ov['read'] + ov['compute']:.1f} s; "
-                f"iter_deltas pipelined {ov['pipelined']:.1f} s."]
+            out.append(
+                f"| {r['p']} | {r['q']} | {r['energy_ratio_min']:.6f} | {r['angle_u_max']:.3f} | "
+                f"{r['angle_r_max']:.3f} | {r['k_match']} | {r['time']:.2f} |"
+            )
+        out += [
+            "",
+            f"Prefetch overlap on the sampled modules (in-process, cold cache): read only {ov['read']:.1f} s, "
+            f"compute only {ov['compute']:.1f} s, sum {ov['read'] + ov['compute']:.1f} s; "
+            f"iter_deltas pipelined {ov['pipelined']:.1f} s.",
+        ]
     print("\n".join(out))
     (work / "report.md").write_text("\n".join(out) + "\n")
     if args.cleanup:

@@ -90,4 +90,3 @@ def test_atomic_file_refuses_to_overwrite(tmp_path):
     with pytest.raises(CsuloraError, match="already exists"), atomic_file(target) as tmp:
         tmp.write_text("two")
     assert target.read_text() == "one" and [p.name for p in tmp_path.iterdir()] == ["f.bin"]
-

@@ -26,16 +26,36 @@ def leftovers(directory):
 def test_subspace_correct_inspect_end_to_end(tmp_path, llama_pair, llama_adapter, capsys):
     base, aligned = llama_pair
     sub = tmp_path / "sub.safetensors"
-    assert run("subspace", "--base", base, "--aligned", aligned, "--targets", "q_proj,v_proj,down_proj",
-               "-o", sub, "-q") == 0
+    assert (
+        run("subspace", "--base", base, "--aligned", aligned, "--targets", "q_proj,v_proj,down_proj", "-o", sub, "-q")
+        == 0
+    )
     assert "modules" in capsys.readouterr().out
     # the adapter targets more modules than the subspace holds: a clear error, not a crash
     assert run("correct", llama_adapter, "-o", tmp_path / "fail", "--subspace", sub, "-q") == 2
     assert "has no entry in the subspace" in capsys.readouterr().err
     assert not (tmp_path / "fail").exists()
 
-    assert run("subspace", "--base", base, "--aligned", aligned, "--adapter", llama_adapter, "-o", sub,
-               "--energy", "0.9", "--max-rank", "5", "--force", "-q") == 0
+    assert (
+        run(
+            "subspace",
+            "--base",
+            base,
+            "--aligned",
+            aligned,
+            "--adapter",
+            llama_adapter,
+            "-o",
+            sub,
+            "--energy",
+            "0.9",
+            "--max-rank",
+            "5",
+            "--force",
+            "-q",
+        )
+        == 0
+    )
     out = tmp_path / "fixed"
     assert run("correct", llama_adapter, "-o", out, "--subspace", sub, "--lam", "3", "-q") == 0
     report = json.loads((out / "csulora_report.json").read_text())
@@ -45,8 +65,24 @@ def test_subspace_correct_inspect_end_to_end(tmp_path, llama_pair, llama_adapter
 
     # computing the subspace on the fly gives the same adapter as the cached subspace
     out2 = tmp_path / "fixed2"
-    assert run("correct", llama_adapter, "-o", out2, "--base", base, "--energy", "0.9", "--max-rank", "5",
-               "--lam", "3", "-q") == 0
+    assert (
+        run(
+            "correct",
+            llama_adapter,
+            "-o",
+            out2,
+            "--base",
+            base,
+            "--energy",
+            "0.9",
+            "--max-rank",
+            "5",
+            "--lam",
+            "3",
+            "-q",
+        )
+        == 0
+    )
     first, second = load_file(out / "adapter_model.safetensors"), load_file(out2 / "adapter_model.safetensors")
     assert all(torch.equal(first[k], second[k]) for k in first)
 
@@ -68,8 +104,18 @@ def test_console_script_runs_as_a_process(tmp_path, llama_pair, llama_adapter):
     base, aligned = llama_pair
     out = tmp_path / "out"
     script = Path(sys.executable).parent / "csulora"  # the console script pip installed beside python
-    cmd = [str(script), "correct", str(llama_adapter), "-o", str(out),
-           "--base", str(base), "--method", "safelora", "-q"]
+    cmd = [
+        str(script),
+        "correct",
+        str(llama_adapter),
+        "-o",
+        str(out),
+        "--base",
+        str(base),
+        "--method",
+        "safelora",
+        "-q",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "safelora" in done.stdout
@@ -149,8 +195,15 @@ def different_model(root, base, aligned):
     from conftest import perturbed, save_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+    )
     other = LlamaForCausalLM(config)
     save_model(other, root / "other-base")
     save_model(perturbed(other, 4), root / "other-aligned")
@@ -167,8 +220,10 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, llama_pair, 
     args, expected = make_bad(tmp_path, base, aligned)
     outputs = tmp_path / "outputs"
     outputs.mkdir()
-    for command in (["correct", llama_adapter, "-o", outputs / "adapter"],
-                    ["subspace", "--adapter", llama_adapter, "-o", outputs / "sub.safetensors"]):
+    for command in (
+        ["correct", llama_adapter, "-o", outputs / "adapter"],
+        ["subspace", "--adapter", llama_adapter, "-o", outputs / "sub.safetensors"],
+    ):
         capsys.readouterr()
         assert run(*command, *args, "-q") == 2
         err = capsys.readouterr().err.strip()
@@ -225,8 +280,20 @@ def test_usage_errors(tmp_path, llama_pair, llama_adapter, capsys):
     base, _ = llama_pair
     assert run("correct", llama_adapter, "-o", tmp_path / "o", "-q") == 2
     assert "--subspace" in capsys.readouterr().err
-    assert run("correct", llama_adapter, "-o", tmp_path / "o", "--method", "safelora",
-               "--subspace", tmp_path / "nope.safetensors", "-q") == 2
+    assert (
+        run(
+            "correct",
+            llama_adapter,
+            "-o",
+            tmp_path / "o",
+            "--method",
+            "safelora",
+            "--subspace",
+            tmp_path / "nope.safetensors",
+            "-q",
+        )
+        == 2
+    )
     assert "full alignment matrix" in capsys.readouterr().err
     assert run("correct", tmp_path / "missing", "-o", tmp_path / "o", "--base", base, "-q") == 2
     assert "no such directory" in capsys.readouterr().err

@@ -25,8 +25,9 @@ def test_zero_denominators_are_none():
     assert metrics.utility_kept(0.3, 0.5, 0.5) is None
     assert metrics.safety_recovered(0.3, 0.7, 0.7) is None
     assert metrics.tradeoff(None, 0.5) is None
-    assert metrics.relative_metrics({"utility": 0.1, "asr": 0.2}, {"utility": 0.1, "asr": 0.0}, {"utility": 0.1,
-                                    "asr": 1.0}) == {"utility_kept": None, "safety_recovered": 0.8, "tradeoff": None}
+    assert metrics.relative_metrics(
+        {"utility": 0.1, "asr": 0.2}, {"utility": 0.1, "asr": 0.0}, {"utility": 0.1, "asr": 1.0}
+    ) == {"utility_kept": None, "safety_recovered": 0.8, "tradeoff": None}
 
 
 def test_tradeoff_is_the_clipped_harmonic_mean():

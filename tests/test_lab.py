@@ -218,8 +218,9 @@ def test_eval_command_agrees_with_the_lab(lab, tmp_path):
     prompts = tmp_path / "harmful.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": ex.prompt}) + "\n" for ex in world.eval_harmful))
     tasks = tmp_path / "tasks.jsonl"
-    tasks.write_text("".join(json.dumps({"prompt": ex.prompt, "answer": ex.response}) + "\n"
-                             for ex in world.eval_utility))
+    tasks.write_text(
+        "".join(json.dumps({"prompt": ex.prompt, "answer": ex.response}) + "\n" for ex in world.eval_utility)
+    )
     out = tmp_path / "eval.json"
     config = results["config"]
     code = main(["eval", results["artifacts"]["aligned"], "--adapter", results["artifacts"]["lora"],

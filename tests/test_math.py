@@ -133,9 +133,10 @@ def test_csulora_dir_matches_dense(problem, lam):
     assert result.lora.rank == lora.rank
     # the in-subspace part of every direction is kept: P_L dW* = P_L dW
     P_L = U @ U.T
-    assert rel_err(P_L @ result.lora.dense(), P_L @ lora.dense()) < RTOL or float(
-        torch.linalg.matrix_norm(P_L @ lora.dense())
-    ) < 1e-10
+    assert (
+        rel_err(P_L @ result.lora.dense(), P_L @ lora.dense()) < RTOL
+        or float(torch.linalg.matrix_norm(P_L @ lora.dense())) < 1e-10
+    )
 
 
 @settings(max_examples=30, deadline=None)
@@ -167,8 +168,9 @@ def test_keep_mode_is_the_best_rank_r_approximation(problem, lam):
 
 def test_truncation_split_is_balanced():
     g = torch.Generator().manual_seed(3)
-    lora = LoraFactors(torch.randn(10, 6, generator=g, dtype=torch.float64),
-                       torch.randn(6, 9, generator=g, dtype=torch.float64), 1.0)
+    lora = LoraFactors(
+        torch.randn(10, 6, generator=g, dtype=torch.float64), torch.randn(6, 9, generator=g, dtype=torch.float64), 1.0
+    )
     kept, _ = truncate_to_rank(lora, 3)
     norms_b = torch.linalg.vector_norm(kept.B, dim=0)
     norms_a = torch.linalg.vector_norm(kept.A, dim=1)

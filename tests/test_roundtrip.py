@@ -88,8 +88,11 @@ def reference(method, deltas, sub, V, params, fan_in_fan_out, ckpt_name):
     if method == "scale":
         lam = params.match_lam if params.match_lam is not None else params.lam
         target = sum(
-            float(torch.sum(csulora_dense(dW, *oriented(sub[ckpt_name(m)].U, sub[ckpt_name(m)].R,
-                                                        fan_in_fan_out), lam) ** 2))
+            float(
+                torch.sum(
+                    csulora_dense(dW, *oriented(sub[ckpt_name(m)].U, sub[ckpt_name(m)].R, fan_in_fan_out), lam) ** 2
+                )
+            )
             for m, dW in deltas.items()
         )
         factor = math.sqrt(target / sum(float(torch.sum(dW**2)) for dW in deltas.values()))
@@ -97,8 +100,7 @@ def reference(method, deltas, sub, V, params, fan_in_fan_out, ckpt_name):
     return out
 
 
-def check_round_trip(tmp_path, model_cls, base, aligned, adapter, method, params, fan_in_fan_out=False,
-                     settings=None):
+def check_round_trip(tmp_path, model_cls, base, aligned, adapter, method, params, fan_in_fan_out=False, settings=None):
     sub_path = tmp_path / "sub.safetensors"
     if not sub_path.exists():
         compute_subspace(base, aligned, adapter=adapter, settings=settings or SubspaceSettings()).save(sub_path)
@@ -109,8 +111,11 @@ def check_round_trip(tmp_path, model_cls, base, aligned, adapter, method, params
     deltas = lora_deltas(adapter)
     aligned_state = read_state(aligned)
     base_state = read_state(base)
-    V = {k[: -len(".weight")]: aligned_state[k].double() - base_state[k].double()
-         for k in aligned_state if k.endswith(".weight")}
+    V = {
+        k[: -len(".weight")]: aligned_state[k].double() - base_state[k].double()
+        for k in aligned_state
+        if k.endswith(".weight")
+    }
 
     def ckpt_name(module):
         return next(n for n in V if n == module or module.endswith("." + n) or n.endswith("." + module))
@@ -145,8 +150,7 @@ def test_llama_every_method(tmp_path_factory, llama_pair, llama_adapter, method,
     assert report["method"] == method
     module = "model.layers.0.self_attn.q_proj"
     row = report["modules"][module]
-    assert set(row) >= {"k", "rho_f", "rho_h", "rho_o", "kappa_h", "kappa_o", "rank_in", "rank_out",
-                        "truncation_error"}
+    assert set(row) >= {"k", "rho_f", "rho_h", "rho_o", "kappa_h", "kappa_o", "rank_in", "rank_out", "truncation_error"}
     if method in ("csulora", "random"):
         assert row["rank_out"] == 2 * row["rank_in"] == 8
         assert row["kappa_h"] == pytest.approx(1 / (1 + 2.0 * row["rho_h"]))
@@ -174,8 +178,9 @@ def test_llama_keep_mode_reports_truncation(tmp_path, llama_pair, llama_adapter)
     sub_path = tmp_path / "sub.safetensors"
     compute_subspace(base, aligned, adapter=llama_adapter).save(sub_path)
     sub = load_subspace(sub_path)
-    report = correct_adapter(llama_adapter, tmp_path / "keep", params=MethodParams(lam=3.0, rank_mode="keep"),
-                             subspace=sub_path)
+    report = correct_adapter(
+        llama_adapter, tmp_path / "keep", params=MethodParams(lam=3.0, rank_mode="keep"), subspace=sub_path
+    )
     config = json.loads((tmp_path / "keep" / "adapter_config.json").read_text())
     assert config["rank_pattern"] == {} and config["r"] == 4
     got = lora_deltas(tmp_path / "keep")
@@ -184,14 +189,21 @@ def test_llama_keep_mode_reports_truncation(tmp_path, llama_pair, llama_adapter)
         approx, error = best_rank(exact, 4)
         assert report["modules"][module]["truncation_error"] == pytest.approx(error, rel=1e-4, abs=1e-8)
         assert report["modules"][module]["rank_out"] == 4
-        assert float(torch.linalg.matrix_norm(got[module] - exact) / torch.linalg.matrix_norm(exact)) == \
-            pytest.approx(error, rel=1e-3, abs=1e-6)
+        assert float(torch.linalg.matrix_norm(got[module] - exact) / torch.linalg.matrix_norm(exact)) == pytest.approx(
+            error, rel=1e-3, abs=1e-6
+        )
 
 
 def test_safelora_number_mode_projects_the_lowest_cosines_once(tmp_path, llama_pair, llama_adapter):
     base, aligned = llama_pair
-    report = correct_adapter(llama_adapter, tmp_path / "num", method="safelora", base=base, aligned=aligned,
-                             params=MethodParams(select="number", num_proj_layers=3))
+    report = correct_adapter(
+        llama_adapter,
+        tmp_path / "num",
+        method="safelora",
+        base=base,
+        aligned=aligned,
+        params=MethodParams(select="number", num_proj_layers=3),
+    )
     rows = report["modules"]
     projected = sorted((r["cosine"], m) for m, r in rows.items() if r["projected"])
     kept = [r["cosine"] for r in rows.values() if not r["projected"]]
@@ -210,8 +222,14 @@ def test_rslora_with_rank_and_alpha_patterns(tmp_path, llama_pair):
 
     base, aligned = llama_pair
     adapter = make_adapter(
-        LlamaForCausalLM.from_pretrained(aligned), tmp_path / "rs", seed=5, r=4, lora_alpha=8, use_rslora=True,
-        rank_pattern={"q_proj": 2, "layers.1.mlp.down_proj": 6}, alpha_pattern={"v_proj": 3},
+        LlamaForCausalLM.from_pretrained(aligned),
+        tmp_path / "rs",
+        seed=5,
+        r=4,
+        lora_alpha=8,
+        use_rslora=True,
+        rank_pattern={"q_proj": 2, "layers.1.mlp.down_proj": 6},
+        alpha_pattern={"v_proj": 3},
     )
     check_round_trip(tmp_path, LlamaForCausalLM, base, aligned, adapter, "csulora", MethodParams(lam=1.5))
     config = json.loads((tmp_path / "out-csulora" / "adapter_config.json").read_text())
@@ -225,10 +243,24 @@ def test_plain_lora_without_rslora_plain_alpha(tmp_path, llama_pair):
     from transformers import LlamaForCausalLM
 
     base, aligned = llama_pair
-    adapter = make_adapter(LlamaForCausalLM.from_pretrained(aligned), tmp_path / "plain", seed=6, r=2,
-                           lora_alpha=16, target_modules=["q_proj", "v_proj"])
-    check_round_trip(tmp_path, LlamaForCausalLM, base, aligned, adapter, "csulora", MethodParams(lam=0.7),
-                     settings=SubspaceSettings(rank=2))
+    adapter = make_adapter(
+        LlamaForCausalLM.from_pretrained(aligned),
+        tmp_path / "plain",
+        seed=6,
+        r=2,
+        lora_alpha=16,
+        target_modules=["q_proj", "v_proj"],
+    )
+    check_round_trip(
+        tmp_path,
+        LlamaForCausalLM,
+        base,
+        aligned,
+        adapter,
+        "csulora",
+        MethodParams(lam=0.7),
+        settings=SubspaceSettings(rank=2),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -248,8 +280,13 @@ def test_gpt2_conv1d_fan_in_fan_out(tmp_path, gpt2_pair, method):
     from transformers import GPT2LMHeadModel
 
     base, aligned = gpt2_pair
-    adapter = make_adapter(GPT2LMHeadModel.from_pretrained(aligned), tmp_path / "lora", seed=1,
-                           target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)
+    adapter = make_adapter(
+        GPT2LMHeadModel.from_pretrained(aligned),
+        tmp_path / "lora",
+        seed=1,
+        target_modules=["c_attn", "c_proj", "c_fc"],
+        fan_in_fan_out=True,
+    )
     params = MethodParams(lam=2.0, threshold=0.9)
     check_round_trip(tmp_path, GPT2LMHeadModel, base, aligned, adapter, method, params, fan_in_fan_out=True)
 
@@ -258,15 +295,24 @@ def test_gpt_neox_fused_query_key_value(tmp_path):
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     torch.manual_seed(0)
-    config = GPTNeoXConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=2, intermediate_size=64,
-                           vocab_size=64, max_position_embeddings=32)
+    config = GPTNeoXConfig(
+        hidden_size=32,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        intermediate_size=64,
+        vocab_size=64,
+        max_position_embeddings=32,
+    )
     base_model = GPTNeoXForCausalLM(config).eval()
     base = save_model(base_model, tmp_path / "base")
     aligned = save_model(perturbed(base_model, seed=3), tmp_path / "aligned")
-    adapter = make_adapter(GPTNeoXForCausalLM.from_pretrained(aligned), tmp_path / "lora", seed=2,
-                           target_modules=["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"])
-    report, _ = check_round_trip(tmp_path, GPTNeoXForCausalLM, base, aligned, adapter, "csulora",
-                                 MethodParams(lam=4.0))
+    adapter = make_adapter(
+        GPTNeoXForCausalLM.from_pretrained(aligned),
+        tmp_path / "lora",
+        seed=2,
+        target_modules=["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    )
+    report, _ = check_round_trip(tmp_path, GPTNeoXForCausalLM, base, aligned, adapter, "csulora", MethodParams(lam=4.0))
     assert "gpt_neox.layers.0.attention.query_key_value" in report["modules"]
 
 

@@ -83,7 +83,7 @@ def test_subspace_of_checkpoints_matches_exact_svd_and_round_trips(llama_pair, t
     W_a = {}
     for f in aligned.glob("*.safetensors"):
         W_a |= load_file(f)
-    V = (W_a[name + ".weight"].double() - W_b[name + ".weight"].double())
+    V = W_a[name + ".weight"].double() - W_b[name + ".weight"].double()
     U_ex, _, Vh_ex = torch.linalg.svd(V, full_matrices=False)
     basis = sub[name]
     assert torch.linalg.svdvals(U_ex[:, :3].T @ basis.U.double()).min() > 0.999
@@ -112,7 +112,10 @@ def test_load_subspace_rejects_foreign_files(tmp_path):
     (tmp_path / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(CsuloraError, match="broken.safetensors"):
         load_subspace(tmp_path / "broken.safetensors")
-    save_file({"m.U": torch.zeros(2, 1)}, str(tmp_path / "partial.safetensors"),
-              metadata={"csulora": json.dumps({"format_version": 1, "modules": {"m": {"total_energy": 1}}})})
+    save_file(
+        {"m.U": torch.zeros(2, 1)},
+        str(tmp_path / "partial.safetensors"),
+        metadata={"csulora": json.dumps({"format_version": 1, "modules": {"m": {"total_energy": 1}}})},
+    )
     with pytest.raises(CsuloraError, match="lacks tensors"):
         load_subspace(tmp_path / "partial.safetensors")

@@ -56,14 +56,22 @@ def _add_method_options(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--method", default="csulora", choices=list(METHODS), help="correction (csulora)")
     parser.add_argument("--lam", type=float, default=DEFAULT_LAM, help=f"csulora's lambda ({DEFAULT_LAM})")
-    parser.add_argument("--rank-mode", default="exact", choices=["exact", "keep"],
-                        help="exact: rank up to 2r; keep: best rank-r approximation")
+    parser.add_argument(
+        "--rank-mode",
+        default="exact",
+        choices=["exact", "keep"],
+        help="exact: rank up to 2r; keep: best rank-r approximation",
+    )
     parser.add_argument("--select", default="threshold", choices=["threshold", "number"], help="safelora")
     parser.add_argument("--threshold", type=float, default=0.5, help="safelora cosine threshold (0.5)")
     parser.add_argument("--num-proj-layers", type=int, default=10, help="safelora 'number' mode (10)")
     parser.add_argument("--factor", type=float, default=None, help="scale: the factor c")
-    parser.add_argument("--match-lam", type=float, default=None,
-                        help="scale: match the energy of csulora at this lambda (default --lam)")
+    parser.add_argument(
+        "--match-lam",
+        type=float,
+        default=None,
+        help="scale: match the energy of csulora at this lambda (default --lam)",
+    )
 
 
 def _params(args):

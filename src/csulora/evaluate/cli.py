@@ -32,6 +32,7 @@ def evaluate_harmful(
 
     lm, tokenizer = load_model(model, adapter, device=device)
     templated = uses_chat_template(tokenizer, chat_template)
+
     def respond(texts: list[str]) -> list[str]:
         return generate(
             lm,
@@ -116,8 +117,9 @@ def register(sub) -> None:
     p.add_argument("model", help="causal LM: local directory or Hub id")
     p.add_argument("--adapter", help="PEFT adapter directory to load on the model")
     p.add_argument("--prompts", required=True, type=Path, help="harmful prompts: .jsonl (field prompt) or .csv")
-    p.add_argument("--tasks", type=Path,
-                   help="utility: .jsonl/.csv of prompt + answer; scored by exact match of the response")
+    p.add_argument(
+        "--tasks", type=Path, help="utility: .jsonl/.csv of prompt + answer; scored by exact match of the response"
+    )
     p.add_argument("--out", type=Path, help="write the per-prompt responses and the ASR as JSON")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")
     p.add_argument("--max-new-tokens", type=int, default=64, help="greedy generation length (64)")
@@ -128,5 +130,3 @@ def register(sub) -> None:
     p.add_argument("--device", default="auto", help="where the models run: auto (CUDA if present), cpu, cuda:N")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
-
-

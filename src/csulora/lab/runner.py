@@ -199,8 +199,9 @@ def sweep(config: LabConfig) -> list[tuple[str, dict]]:
 def run_label(method: str, params: dict) -> str:
     """Directory name of a sweep point: the method and its numeric knobs (the seed is the lab's own)."""
     knobs = "-".join(
-        f"{k}{float(v):g}" for k, v in params.items() if isinstance(v, int | float) and not isinstance(v, bool)
-        and k != "seed"
+        f"{k}{float(v):g}"
+        for k, v in params.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and k != "seed"
     )
     return f"{method}-{knobs}" if knobs else method
 
@@ -354,4 +355,3 @@ def _run_lab(out, size, seed, *, quiet, config) -> dict:
     write_report(document, out / "report.md")
     _log(f"done in {document['seconds']['total']:.0f} s: {out / 'report.md'}", quiet)
     return document
-
