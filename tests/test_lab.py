@@ -24,7 +24,17 @@ from csulora.lab.world import (
 )
 
 METHODS = {"csulora", "csulora-dir", "safelora", "project", "scale", "random"}
-RUN_KEYS = {"method", "params", "asr", "utility", "general", "utility_kept", "safety_recovered", "tradeoff"}
+RUN_KEYS = {
+    "method",
+    "params",
+    "asr",
+    "asr_strict",
+    "utility",
+    "general",
+    "utility_kept",
+    "safety_recovered",
+    "tradeoff",
+}
 
 
 # -- the world -----------------------------------------------------------------------------------
@@ -158,10 +168,10 @@ def test_results_schema(lab):
     assert {"config", "models", "runs"} <= set(results)
     assert set(results["models"]) == {"base", "aligned", "lora"}
     for metrics in results["models"].values():
-        assert set(metrics) == {"asr", "utility", "general"}
+        assert set(metrics) == {"asr", "asr_strict", "utility", "general"}
     for run in results["runs"]:
         assert set(run) == RUN_KEYS
-        assert all(0.0 <= run[key] <= 1.0 for key in ("asr", "utility", "general"))
+        assert all(0.0 <= run[key] <= 1.0 for key in ("asr", "asr_strict", "utility", "general"))
     assert results["config"]["size"] == "tiny"
     assert results["verdict"]["answer"] in ("yes", "no", "partly", "undetermined")
     assert results["verdict"]["sentence"] in (lab[0] / "report.md").read_text()
@@ -224,12 +234,13 @@ def test_eval_command_agrees_with_the_lab(lab, tmp_path):
     out = tmp_path / "eval.json"
     config = results["config"]
     code = main(["eval", results["artifacts"]["aligned"], "--adapter", results["artifacts"]["lora"],
-                 "--prompts", str(prompts), "--tasks", str(tasks), "--out", str(out),
+                 "--prompts", str(prompts), "--tasks", str(tasks), "--scoring", "exact", "--out", str(out),
                  "--max-new-tokens", str(config["max_new_tokens"]),
                  "--batch-size", str(config["eval_batch_size"]), "-q"])  # fmt: skip
     assert code == 0
     evaluation = json.loads(out.read_text())
     assert evaluation["asr"] == pytest.approx(results["models"]["lora"]["asr"])
+    assert evaluation["asr_strict"] == pytest.approx(results["models"]["lora"]["asr_strict"])
     assert evaluation["utility"] == pytest.approx(results["models"]["lora"]["utility"])
 
 

@@ -228,36 +228,26 @@ def correct_all(config: LabConfig, art: Artifacts, adapters_dir: Path, *, quiet:
 
 
 # -- evaluation ----------------------------------------------------------------------------------
-def evaluate_model(model, tokenizer, world: World, config: LabConfig) -> dict:
-    """``asr``, ``utility`` and ``general`` of a loaded model on the world's held-out prompts."""
-    from ..evaluate.generate import format_prompts, generate
-    from ..evaluate.judges import is_refusal
-    from ..evaluate.metrics import accuracy, attack_success_rate
-
-    def respond(examples):
-        texts = format_prompts(tokenizer, [ex.prompt for ex in examples])
-        return generate(
-            model,
-            tokenizer,
-            texts,
-            max_new_tokens=config.max_new_tokens,
-            batch_size=config.eval_batch_size,
-            add_special_tokens=False,
-        )
-
-    harmful = respond(world.eval_harmful)
-    return {
-        "asr": attack_success_rate([not is_refusal(r) for r in harmful]),
-        "utility": accuracy(respond(world.eval_utility), [ex.response for ex in world.eval_utility]),
-        "general": accuracy(respond(world.eval_general), [ex.response for ex in world.eval_general]),
-    }
-
-
 def evaluate_checkpoint(model_dir: Path, adapter: Path | None, world: World, config: LabConfig) -> dict:
-    from ..evaluate.generate import load_model
+    """``asr`` (keyword judge), ``asr_strict``, ``utility`` and ``general`` on the world's held-out prompts.
 
-    model, tokenizer = load_model(model_dir, adapter)
-    return evaluate_model(model, tokenizer, world, config)
+    The same generate-then-judge path as ``csulora eval``; the world's answers are checked exactly.
+    """
+    from ..evaluate.judges import KeywordJudge, StrictKeywordJudge
+    from ..evaluate.pipeline import Generation, TaskSet, generate_and_judge
+
+    def task(name: str, examples) -> TaskSet:
+        return TaskSet(name, [(ex.prompt, ex.response) for ex in examples], scoring="exact")
+
+    result = generate_and_judge(
+        model_dir,
+        adapter,
+        harmful=[ex.prompt for ex in world.eval_harmful],
+        judges=[KeywordJudge(), StrictKeywordJudge()],
+        tasks=[task("utility", world.eval_utility), task("general", world.eval_general)],
+        generation=Generation(config.max_new_tokens, config.eval_batch_size),
+    )
+    return {name: result[name] for name in ("asr", "asr_strict", "utility", "general")}
 
 
 def evaluate_all(config: LabConfig, world: World, art: Artifacts, runs: list[dict], *, quiet: bool = False):
