@@ -138,6 +138,11 @@ def cmd_correct(args) -> int:
 def cmd_inspect(args) -> int:
     from .report import format_table, inspect_adapter, plot_decomposition
 
+    if args.plot:
+        from .extras import require_extra
+
+        require_extra("plot", "matplotlib", feature="csulora inspect --plot")
+
     rows = inspect_adapter(
         args.adapter,
         subspace=args.subspace,

@@ -12,11 +12,13 @@ from .metrics import SCORINGS
 
 def cmd_eval(args) -> int:
     from ..errors import CsuloraError
+    from ..extras import require_extra
     from .pipeline import Generation, TaskSet, generate_and_judge
     from .prompts import load_prompts, load_tasks
 
     if args.max_new_tokens < 1 or args.batch_size < 1:
         raise CsuloraError("--max-new-tokens and --batch-size must be >= 1")
+    require_extra("eval", "transformers", "peft", feature="csulora eval")
     prompts = load_prompts(args.prompts)
     extra = load_keywords(args.refusal_keywords) if args.refusal_keywords else []
     if args.out is not None and args.out.exists() and not args.force:

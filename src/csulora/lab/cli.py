@@ -4,8 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# What the lab imports beyond the core install (the [lab] extra).
+LAB_MODULES = ("tokenizers", "transformers", "peft", "matplotlib")
+
 
 def cmd_lab(args) -> int:
+    from ..extras import require_extra
+
+    require_extra("lab", *LAB_MODULES, feature="csulora lab")
     from .runner import run_lab
 
     document = run_lab(args.out, args.size, args.seed, quiet=args.quiet, threads=args.threads)
