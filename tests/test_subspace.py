@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 from dense_reference import orthonormal
 
 from csulora import CsuloraError, compute_subspace, load_subspace
-from csulora.subspace import SubspaceSettings, choose_rank, module_basis, randomized_svd
+from csulora.subspace import SubspaceSettings, adaptive_svd, choose_rank, module_basis, randomized_svd
 
 
 def low_rank_plus_noise(m, n, rank, seed, noise=1e-3):
@@ -62,6 +63,69 @@ def test_module_basis_energy_mode_and_fixed_rank():
     expected_k = int(torch.nonzero(torch.cumsum(exact**2, 0) >= 0.99 * torch.sum(exact**2))[0]) + 1
     assert energy.k == expected_k
     assert energy.energy_captured >= 0.99 - 1e-6
+
+
+def with_spectrum(m, n, sigma, seed, noise_share=0.0):
+    """``U diag(sigma) R^T`` with random orthonormal U, R, plus Gaussian noise holding ``noise_share`` of the energy."""
+    g = torch.Generator().manual_seed(seed)
+    V = (orthonormal(m, len(sigma), g) * sigma) @ orthonormal(n, len(sigma), g).T
+    if noise_share:
+        scale = (noise_share * float(torch.sum(sigma**2)) / (m * n)) ** 0.5
+        V += scale * torch.randn(m, n, generator=g, dtype=torch.float64)
+    return V.float()
+
+
+def largest_angle_deg(A, B):
+    cosine = float(torch.linalg.svdvals(A.double().T @ B.double()).min())
+    return math.degrees(math.acos(min(1.0, cosine)))
+
+
+_i = torch.arange(1, 401, dtype=torch.float64)
+_j = torch.arange(120, dtype=torch.float64)
+SPECTRA = {
+    "power law 0.75": (_i**-0.75, 0.0),
+    "power law 1": (_i**-1.0, 0.0),
+    "power law 1.5": (_i**-1.5, 0.0),
+    "fast decay + 1% noise": (torch.exp(-_j / 3), 0.01),
+    "decay + 10% noise": (torch.exp(-_j / 12), 0.1),
+    "slow decay + 10% noise": (torch.exp(-_j / 30), 0.1),
+}
+
+
+@pytest.mark.parametrize("spectrum", list(SPECTRA))
+@pytest.mark.parametrize("tau", [0.5, 0.8])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_adaptive_sketch_matches_exact_svd(spectrum, tau, seed):
+    """Energy mode's growing sketch: the exact SVD's k and a top-k subspace within 1 degree of it."""
+    sigma, noise = SPECTRA[spectrum]
+    V = with_spectrum(600, 400, sigma, seed, noise)
+    total = float(torch.sum(V.double() ** 2))
+    U_ex, S_ex, Vh_ex = torch.linalg.svd(V.double(), full_matrices=False)
+    k_exact = choose_rank(S_ex, total, tau, max_rank=128)
+    U, s, R = adaptive_svd(V, total, tau, max_rank=128, seed=seed)
+    assert U.shape[1] == R.shape[1] == len(s) == k_exact
+    assert largest_angle_deg(U, U_ex[:, :k_exact]) <= 1.0
+    assert largest_angle_deg(R, Vh_ex[:k_exact].T) <= 1.0
+    assert torch.allclose(s.double(), S_ex[:k_exact], rtol=1e-3)
+    assert torch.allclose(U.T @ U, torch.eye(k_exact), atol=1e-5)
+
+
+def test_adaptive_sketch_at_the_cap_is_the_full_width_sketch():
+    """A flat spectrum widens the sketch to max_rank: then it is today's sketch, bit for bit, truncated to k."""
+    V = with_spectrum(600, 400, torch.ones(300, dtype=torch.float64), seed=4, noise_share=0.2)
+    total = float(torch.sum(V.double() ** 2))
+    U, s, R = adaptive_svd(V, total, 0.5, max_rank=128, seed=3)
+    U_full, s_full, R_full = randomized_svd(V, 128, seed=3)
+    k = choose_rank(s_full, total, 0.5, 128)
+    assert len(s) == k > 32
+    assert torch.equal(U, U_full[:, :k]) and torch.equal(s, s_full[:k]) and torch.equal(R, R_full[:, :k])
+
+
+def test_adaptive_sketch_is_seeded():
+    V = with_spectrum(300, 200, torch.exp(-_j / 12), seed=5, noise_share=0.1)
+    total = float(torch.sum(V.double() ** 2))
+    first, again = (adaptive_svd(V, total, 0.8, 64, seed=7) for _ in range(2))
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
 
 
 @pytest.mark.parametrize("bad", [{"rank": 0}, {"energy": 0.0}, {"energy": 1.5}, {"max_rank": 0}])
