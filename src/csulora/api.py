@@ -11,7 +11,7 @@ import json
 import warnings
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -25,7 +25,7 @@ from .errors import CsuloraError, CsuloraWarning
 from .io_utils import atomic_dir
 from .memory import release_freed_memory
 from .methods import MethodParams, ModuleInputs, get_method, method_needs_basis
-from .subspace import ModuleBasis, Subspace, SubspaceSettings, load_subspace, module_basis
+from .subspace import Subspace, SubspaceSettings, load_subspace, module_basis
 
 REPORT_NAME = "csulora_report.json"
 
@@ -132,8 +132,13 @@ class _StreamedBases(Mapping):
         basis = module_basis(V.to(self.device), self.settings)
         del V
         release_freed_memory()
-        if basis.U.device.type != "cpu":
-            basis = ModuleBasis(basis.U.cpu(), basis.R.cpu(), basis.sigma.cpu(), basis.total_energy)
+        basis = replace(
+            basis,
+            U=basis.U.cpu(),
+            R=basis.R.cpu(),
+            sigma=basis.sigma.cpu(),
+            sha256={"base": digest_b.hex(), "aligned": digest_a.hex()},
+        )
         self.digests[0].update(digest_b)
         self.digests[1].update(digest_a)
         self.position += 1
@@ -189,11 +194,13 @@ def compute_subspace(
     allow_pickle: bool = False,
     progress: bool = False,
     device: str | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> Subspace:
     """Stream both checkpoints and compute each module's safety subspace.
 
     Bases are in the checkpoint's stored layout (``out x in`` for ``nn.Linear``; a GPT-2 ``Conv1D``
     stores ``in x out``, and the adapter's ``fan_in_fan_out`` flips it back when correcting).
+    ``shard=(I, N)`` computes only shard I of N (see ``csulora.shards``).
     """
     settings = settings or SubspaceSettings()
     base = base if isinstance(base, Checkpoint) else Checkpoint(base, allow_pickle=allow_pickle)
@@ -201,7 +208,15 @@ def compute_subspace(
     if adapter is not None and not isinstance(adapter, Adapter):
         adapter = load_adapter(adapter, allow_pickle=allow_pickle)
     names = subspace_modules(aligned, modules=modules, targets=targets, adapter=adapter)
+    shard_info = None
+    if shard is not None:
+        from .shards import shard_metadata, shard_modules
+
+        shard_info = shard_metadata(base, aligned, names, *shard)
+        names = shard_modules(aligned, names, *shard)
     streamed = stream_subspace(base, aligned, names, settings, progress, device)
+    if shard_info is not None:
+        streamed.metadata["shard"] = shard_info
     return Subspace(dict(streamed.bases.items()), streamed.metadata)
 
 

@@ -90,23 +90,36 @@ def _params(args):
 
 
 def cmd_subspace(args) -> int:
-    from .api import compute_subspace
-
     if args.output.exists() and not args.force:
         raise CsuloraError(f"{args.output}: already exists (pass --force to overwrite)")
-    subspace = compute_subspace(
-        args.base,
-        args.aligned,
-        targets=_csv(args.targets) if args.targets else None,
-        adapter=args.adapter,
-        settings=_settings(args),
-        allow_pickle=args.allow_pickle,
-        progress=not args.quiet,
-        device=args.device,
-    )
+    if args.merge:
+        from .shards import merge_shards
+
+        if args.base or args.aligned or args.shard or args.adapter or args.targets:
+            raise CsuloraError("--merge takes only the shard files and -o")
+
+        subspace = merge_shards(args.merge)
+    else:
+        from .api import compute_subspace
+        from .shards import parse_shard
+
+        if not (args.base and args.aligned):
+            raise CsuloraError("subspace needs --base and --aligned (or --merge SHARD_FILES)")
+        subspace = compute_subspace(
+            args.base,
+            args.aligned,
+            targets=_csv(args.targets) if args.targets else None,
+            adapter=args.adapter,
+            settings=_settings(args),
+            allow_pickle=args.allow_pickle,
+            progress=not args.quiet,
+            device=args.device,
+            shard=parse_shard(args.shard) if args.shard else None,
+        )
     subspace.save(args.output, force=args.force)
     ks = [meta["k"] for meta in subspace.module_metadata().values()]
-    print(f"wrote {args.output}: {len(ks)} modules, k from {min(ks)} to {max(ks)}")
+    span = f", k from {min(ks)} to {max(ks)}" if ks else ""
+    print(f"wrote {args.output}: {len(ks)} modules{span}")
     return 0
 
 
@@ -172,11 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("subspace", help="compute the per-module safety subspaces of a (base, aligned) pair")
-    p.add_argument("--base", required=True, help="base checkpoint (before alignment)")
-    p.add_argument("--aligned", required=True, help="aligned checkpoint")
+    p.add_argument("--base", help="base checkpoint (before alignment)")
+    p.add_argument("--aligned", help="aligned checkpoint")
     p.add_argument("-o", "--output", required=True, type=Path, help="subspace file to write (.safetensors)")
     p.add_argument("--targets", help="comma-separated module names, PEFT style (q_proj,v_proj,...)")
     p.add_argument("--adapter", help="take the modules of this PEFT adapter instead of --targets")
+    p.add_argument("--shard", metavar="I/N", help="compute only shard I of N (0 <= I < N), balanced by size")
+    p.add_argument("--merge", nargs="+", metavar="SHARD", help="join the --shard files of one run into -o")
     p.add_argument("--allow-pickle", action="store_true", help="load .bin files (weights_only=True)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

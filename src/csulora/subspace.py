@@ -152,6 +152,8 @@ class ModuleBasis:
     R: torch.Tensor
     sigma: torch.Tensor
     total_energy: float
+    # sha256 (hex) of the module's weight in each checkpoint, {"base": ..., "aligned": ...}, when known
+    sha256: dict | None = None
 
     @property
     def k(self) -> int:
@@ -207,6 +209,7 @@ class Subspace:
                 "energy": b.energy_captured,
                 "total_energy": b.total_energy,
             }
+            | ({"sha256": b.sha256} if b.sha256 is not None else {})
             for name, b in self.bases.items()
         }
 
@@ -249,7 +252,7 @@ class _FileBases(Mapping):
                 U, R, sigma = (f.get_tensor(f"{name}.{part}") for part in ("U", "R", "sigma"))
         except (SafetensorError, OSError) as exc:
             raise CsuloraError(f"{self.path}: cannot read module {name} ({exc})") from None
-        return ModuleBasis(U, R, sigma, float(self.meta[name]["total_energy"]))
+        return ModuleBasis(U, R, sigma, float(self.meta[name]["total_energy"]), self.meta[name].get("sha256"))
 
 
 def load_subspace(path: str | Path) -> Subspace:
