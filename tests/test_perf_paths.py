@@ -90,3 +90,39 @@ def test_module_basis_matches_exact_svd_on_low_rank_plus_noise():
     cosines = torch.linalg.svdvals(basis.U.double().T @ U[:, :k])
     assert float(cosines.min()) > 1 - 1e-6
     assert torch.allclose(basis.sigma.double(), S[:k], rtol=1e-5)
+
+
+def test_torch_threads_restores_the_count_even_on_error():
+    from csulora.threads import torch_threads
+
+    before = torch.get_num_threads()
+    with pytest.raises(RuntimeError), torch_threads(1):
+        assert torch.get_num_threads() == 1
+        raise RuntimeError("boom")
+    assert torch.get_num_threads() == before
+
+
+def test_small_corrections_run_on_one_thread_large_ones_on_all(monkeypatch, llama_adapter, llama_pair, tmp_path):
+    """Each module's correction runs on the threads its size calls for; the results do not change."""
+    from dataclasses import replace
+
+    from csulora import correct_adapter
+    from csulora.methods import METHODS
+    from csulora.threads import PARALLEL_MIN_FLOPS, correction_flops, threads_for
+
+    assert threads_for(PARALLEL_MIN_FLOPS / 2) == 1
+    assert threads_for(PARALLEL_MIN_FLOPS) == torch.get_num_threads()
+    assert correction_flops(4096, 4096, 16, 32, False) < PARALLEL_MIN_FLOPS  # 7B attention, csulora
+    assert correction_flops(11008, 4096, 16, 32, True) > PARALLEL_MIN_FLOPS  # 7B mlp, Safe LoRA's V
+
+    seen = []
+    method = METHODS["csulora"]
+
+    def spy(lora, inputs, params):
+        seen.append(torch.get_num_threads())
+        return method.correct(lora, inputs, params)
+
+    monkeypatch.setitem(METHODS, "csulora", replace(method, correct=spy))
+    base, aligned = llama_pair
+    correct_adapter(llama_adapter, tmp_path / "out", base=base, aligned=aligned)
+    assert seen and set(seen) == {1}

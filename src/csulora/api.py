@@ -26,6 +26,7 @@ from .io_utils import atomic_dir
 from .memory import release_freed_memory
 from .methods import MethodParams, ModuleInputs, get_method, method_needs_basis
 from .subspace import Subspace, SubspaceSettings, load_subspace, module_basis
+from .threads import correction_flops, threads_for, torch_threads
 
 REPORT_NAME = "csulora_report.json"
 
@@ -284,14 +285,17 @@ def correct_adapter(
         )
         for module, result in results.items()
     }
+    with torch_threads(1):  # r x r products
+        energy_before = sum(_energy(adapter.factors(m)) for m in adapter.modules)
+        energy_after = sum(_energy(corrected[m]) for m in adapter.modules)
     report = {
         "method": method,
         "params": {key: params.as_dict()[key] for key in spec.relevant_params},
         "csulora_version": __version__,
         "adapter": str(adapter.path),
         "subspace": sources["subspace"],
-        "energy_before": sum(_energy(adapter.factors(m)) for m in adapter.modules),
-        "energy_after": sum(_energy(corrected[m]) for m in adapter.modules),
+        "energy_before": energy_before,
+        "energy_after": energy_after,
         "modules": modules_report,
     }
     with atomic_dir(out, force=force) as tmp:
@@ -390,11 +394,13 @@ def _run_method(adapter, method, params, subspace, base, aligned, settings, allo
         if name is None:
             name = aligned_ckpt.weight_key(module)[: -len(".weight")] if aligned_ckpt else module
         sources["names"][module] = name
-        result = spec.correct(lora, inputs, params)
-        new, info = result.lora, result.info
-        if params.rank_mode == "keep" and new.rank > lora.rank:
-            new, error = truncate_to_rank(new, lora.rank)
-            info = info | {"truncation_error": error}
+        k = inputs.U.shape[1] if inputs.U is not None else 0
+        with torch_threads(threads_for(correction_flops(m, n, lora.rank, k, inputs.V is not None))):
+            result = spec.correct(lora, inputs, params)
+            new, info = result.lora, result.info
+            if params.rank_mode == "keep" and new.rank > lora.rank:
+                new, error = truncate_to_rank(new, lora.rank)
+                info = info | {"truncation_error": error}
         # float32 is ample for storage (adapters are saved in fp32 or lower) and halves peak memory
         results[module] = Corrected(LoraFactors(new.B.float(), new.A.float(), new.scale), info)
     return results, sources
