@@ -75,10 +75,10 @@ def test_atomic_dir_leaves_nothing_on_failure_and_keeps_the_old_output(tmp_path)
     assert list(tmp_path.iterdir()) == []
     out.mkdir()
     (out / "old").write_text("old")
-    with pytest.raises(RuntimeError), atomic_dir(out, force=True) as tmp:
+    with pytest.raises(RuntimeError), atomic_dir(out, force=True, owned=lambda path: True) as tmp:
         raise RuntimeError("boom")
     assert (out / "old").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    with atomic_dir(out, force=True) as tmp:
+    with atomic_dir(out, force=True, owned=lambda path: True) as tmp:
         (tmp / "new").write_text("new")
     assert [p.name for p in out.iterdir()] == ["new"] and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 

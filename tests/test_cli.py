@@ -131,8 +131,14 @@ def test_force_replaces_an_existing_output(tmp_path, llama_pair, llama_adapter):
     (out / "keep.txt").write_text("user data")
     assert run("correct", llama_adapter, "-o", out, "--base", base, "-q") == 2
     assert (out / "keep.txt").read_text() == "user data"
-    assert run("correct", llama_adapter, "-o", out, "--base", base, "--force", "-q") == 0
-    assert not (out / "keep.txt").exists() and (out / "csulora_report.json").is_file()
+    # --force replaces only what csulora wrote: a user's directory is never deleted
+    assert run("correct", llama_adapter, "-o", out, "--base", base, "--force", "-q") == 2
+    assert (out / "keep.txt").read_text() == "user data"
+    ours = tmp_path / "ours"
+    assert run("correct", llama_adapter, "-o", ours, "--base", base, "-q") == 0
+    (ours / "csulora_report.json").write_text("{}")
+    assert run("correct", llama_adapter, "-o", ours, "--base", base, "--force", "-q") == 0
+    assert json.loads((ours / "csulora_report.json").read_text())["method"] == "csulora"
     assert leftovers(tmp_path) == []
 
 

@@ -43,15 +43,15 @@ def test_read_delta_matches_straightforward(tmp_path, dtype):
     base, aligned, W_b, W_a = _pair(tmp_path, dtype)
     modules = [f"layers.{i}.proj" for i in range(3)]
     for module in modules:
-        V, _, _ = _read_delta(base, aligned, module)
+        V = _read_delta(base, aligned, module).V
         key = module + ".weight"
         assert V.dtype == torch.float32
         assert torch.equal(V, W_a[key].float() - W_b[key].float())
     # the prefetching iterator yields the same, in order
     streamed = list(iter_deltas(base, aligned, modules))
     assert [m for m, *_ in streamed] == modules
-    for (module, V, d_b, d_a), expected in zip(streamed, modules, strict=True):
-        V2, d_b2, d_a2 = _read_delta(base, aligned, expected)
+    for (module, V, d_b, d_a, _), expected in zip(streamed, modules, strict=True):
+        _, V2, d_b2, d_a2, _ = _read_delta(base, aligned, expected)
         assert module == expected and torch.equal(V, V2) and (d_b, d_a) == (d_b2, d_a2)
 
 

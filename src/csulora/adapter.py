@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import natural_key, resolve_local
+from .checkpoint import first_line, floating, natural_key, read_failure, resolve_local
 from .correct import LoraFactors
 from .errors import CsuloraError
 
@@ -85,10 +85,13 @@ def load_adapter(source: str | Path, *, allow_pickle: bool = False) -> Adapter:
         raise CsuloraError(f"{path}: no {CONFIG_NAME}; not a PEFT adapter directory")
     try:
         config = json.loads(config_file.read_text())
-    except ValueError as exc:
+    except (ValueError, UnicodeDecodeError) as exc:
         raise CsuloraError(f"{config_file}: invalid JSON ({exc})") from None
     _check_config(config, config_file)
     state = _load_weights(path, allow_pickle)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CsuloraError(f"{path}: the adapter weights are not a dict of tensors")
+    state = {key: floating(tensor, f"{path}: tensor {key}") for key, tensor in state.items()}
     modules = _lora_modules(state, path)
     adapter = Adapter(path, config, {_canonical_key(k): v for k, v in state.items()}, modules)
     for module in modules:
@@ -96,7 +99,13 @@ def load_adapter(source: str | Path, *, allow_pickle: bool = False) -> Adapter:
     return adapter
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _check_config(config: dict, file: Path) -> None:
+    if not isinstance(config, dict):
+        raise CsuloraError(f"{file}: expected a JSON object, got {type(config).__name__}")
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise CsuloraError(f"{file}: peft_type {peft_type} is not supported (only LORA)")
@@ -112,6 +121,26 @@ def _check_config(config: dict, file: Path) -> None:
     for field in ("r", "lora_alpha"):
         if field not in config:
             raise CsuloraError(f"{file}: missing '{field}'")
+    if not (isinstance(config["r"], int) and not isinstance(config["r"], bool) and config["r"] >= 1):
+        raise CsuloraError(f"{file}: 'r' must be a positive integer, got {config['r']!r}")
+    if not _is_number(config["lora_alpha"]):
+        raise CsuloraError(f"{file}: 'lora_alpha' must be a finite number, got {config['lora_alpha']!r}")
+    for field, valid in (("rank_pattern", lambda v: isinstance(v, int) and v >= 1), ("alpha_pattern", _is_number)):
+        pattern = config.get(field) or {}
+        if not isinstance(pattern, dict):
+            raise CsuloraError(f"{file}: '{field}' must be an object, got {pattern!r}")
+        for key, value in pattern.items():
+            if not valid(value) or isinstance(value, bool):
+                raise CsuloraError(f"{file}: {field}[{key!r}] = {value!r} is not valid")
+            try:
+                re.compile(key)
+            except re.error as exc:
+                raise CsuloraError(f"{file}: {field} key {key!r} is not a valid pattern ({exc})") from None
+    for field in ("fan_in_fan_out", "use_rslora"):
+        if not isinstance(config.get(field, False), bool | None):
+            raise CsuloraError(f"{file}: '{field}' must be true or false, got {config[field]!r}")
+    if not isinstance(config.get("base_model_name_or_path"), str | None):
+        raise CsuloraError(f"{file}: 'base_model_name_or_path' must be a string")
 
 
 def _load_weights(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
@@ -120,7 +149,7 @@ def _load_weights(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(file))
         except (SafetensorError, OSError) as exc:
-            raise CsuloraError(f"{file}: corrupt or truncated safetensors file ({exc})") from None
+            raise read_failure(file, exc) from None
     pickled = path / PICKLE_WEIGHTS_NAME
     if pickled.is_file():
         if not allow_pickle:
@@ -131,7 +160,7 @@ def _load_weights(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
         try:
             return torch.load(pickled, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise CsuloraError(f"{pickled}: cannot load with weights_only=True ({exc})") from None
+            raise CsuloraError(f"{pickled}: cannot load with weights_only=True ({first_line(exc)})") from None
     raise CsuloraError(f"{path}: no {WEIGHTS_NAME}")
 
 
@@ -145,13 +174,16 @@ def _canonical_key(key: str) -> str:
 
 def _lora_modules(state: dict[str, torch.Tensor], path: Path) -> list[str]:
     modules: dict[str, set] = {}
+    for marker, what in (
+        ("lora_embedding_", "embedding LoRA (an adapter on an embedding layer)"),
+        ("lora_magnitude_vector", "DoRA adapters"),
+        ("modules_to_save", "modules_to_save weights"),
+        (".base_layer.", "saved base layers (save_embedding_layers: an embedding LoRA)"),
+    ):
+        found = [key for key in state if marker in key]
+        if found:
+            raise CsuloraError(f"{path}: {what} ({found[0]}) are not supported yet")
     for key in state:
-        if "lora_embedding_" in key:
-            raise CsuloraError(f"{path}: embedding LoRA ({key}) is not supported yet")
-        if "lora_magnitude_vector" in key:
-            raise CsuloraError(f"{path}: DoRA adapters ({key}) are not supported yet")
-        if "modules_to_save" in key:
-            raise CsuloraError(f"{path}: modules_to_save weights ({key}) are not supported yet")
         match = _LORA_KEY.match(key)
         if not match or not match.group("module").startswith(KEY_PREFIX):
             raise CsuloraError(f"{path}: unexpected adapter tensor {key}")
@@ -174,6 +206,9 @@ def _check_module(adapter: Adapter, module: str) -> None:
         raise CsuloraError(f"{where}: lora_B is {tuple(B.shape)} but lora_A is {tuple(A.shape)}")
     if A.shape[0] != adapter.rank(module):
         raise CsuloraError(f"{where}: rank {A.shape[0]} but the config says r={adapter.rank(module)}")
+    scale = adapter.scale(module)
+    if not math.isfinite(scale * scale):
+        raise CsuloraError(f"{where}: the scaling lora_alpha / r = {scale:.3g} is out of range")
     if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
         raise CsuloraError(f"{where}: NaN or Inf in the LoRA weights")
 
@@ -200,6 +235,9 @@ def write_adapter(adapter: Adapter, out: Path, corrected: dict[str, LoraFactors]
     if new_ranks:
         config["rank_pattern"] = _prepend(new_ranks, config.get("rank_pattern") or {})
         config["alpha_pattern"] = _prepend(new_alphas, config.get("alpha_pattern") or {})
+    for key, tensor in state.items():
+        if not torch.isfinite(tensor).all():  # e.g. a float32 result past the range of a float16 adapter
+            raise CsuloraError(f"{adapter.path}: the corrected {key} is not finite in {tensor.dtype}")
     for item in adapter.path.iterdir():
         if item.is_file() and item.name not in (CONFIG_NAME, WEIGHTS_NAME, PICKLE_WEIGHTS_NAME):
             shutil.copy2(item, out / item.name)

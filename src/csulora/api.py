@@ -7,32 +7,46 @@ These do the I/O (checkpoints, adapters, output directories) around the pure mat
 from __future__ import annotations
 
 import hashlib
-import json
+import math
 import warnings
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .adapter import Adapter, load_adapter, write_adapter
+from .adapter import CONFIG_NAME, Adapter, load_adapter, write_adapter
 from .checkpoint import Checkpoint, match_module, tensor_digest
 from .correct import Corrected, LoraFactors, decompose, frobenius_sq, truncate_to_rank
 from .errors import CsuloraError, CsuloraWarning
-from .io_utils import atomic_dir
+from .io_utils import atomic_dir, real_path, reserve_output, strict_json
 from .memory import release_freed_memory
 from .methods import MethodParams, ModuleInputs, get_method, method_needs_basis
-from .subspace import Subspace, SubspaceSettings, load_subspace, module_basis
+from .subspace import ModuleBasis, Subspace, SubspaceSettings, load_subspace, module_basis
 from .threads import correction_flops, threads_for, torch_threads
 
 REPORT_NAME = "csulora_report.json"
 
 
 # -- the subspace --------------------------------------------------------------------------------
-def _read_delta(base: Checkpoint, aligned: Checkpoint, module: str) -> tuple[torch.Tensor, bytes, bytes]:
+NEGLIGIBLE = 1e-6  # ||V||_F below this fraction of ||W_aligned||_F is rounding noise, not alignment
+
+
+class Delta(NamedTuple):
+    """One module's displacement ``V = W_aligned - W_base`` (float32, stored layout)."""
+
+    module: str
+    V: torch.Tensor
+    digest_base: bytes
+    digest_aligned: bytes
+    negligible: bool  # V is zero, or numerically zero relative to the weight
+
+
+def _read_delta(base: Checkpoint, aligned: Checkpoint, module: str) -> Delta:
     """``V = W_aligned - W_base`` for one module in float32 (stored layout), with content digests."""
     key_a = aligned.weight_key(module)
     key_b = base.weight_key(module)
@@ -46,29 +60,69 @@ def _read_delta(base: Checkpoint, aligned: Checkpoint, module: str) -> tuple[tor
     digests = tensor_digest(W_b), tensor_digest(W_a)
     V = W_a.to(torch.float32, copy=True)  # a float32 W_a must not be modified in place below
     V -= W_b  # type promotion reads W_b in its own dtype: no float32 copy of the base weight
-    # V is finite iff both weights are (or their difference overflowed): one check on V instead of
-    # one per weight (isfinite on bf16 is as slow as on float32); the weights are checked only to name one
-    if not torch.isfinite(V).all():
+    # V is finite iff both weights are (or their difference overflowed), and its norm is finite iff V
+    # is (or the sum of squares overflowed): one pass over V gives both the check and the size of V;
+    # the weights are checked elementwise only when something is wrong, to name the culprit
+    norm_v = float(torch.linalg.vector_norm(V))
+    if not math.isfinite(norm_v):
         for W, ckpt in ((W_a, aligned), (W_b, base)):
             if not torch.isfinite(W).all():
                 raise CsuloraError(f"{ckpt.path}: module {module} has NaN or Inf weights")
-        raise CsuloraError(f"module {module}: aligned - base overflows float32 ({aligned.path}, {base.path})")
-    return V, *digests
+        if not torch.isfinite(V).all():
+            raise CsuloraError(f"module {module}: aligned - base overflows float32 ({aligned.path}, {base.path})")
+    negligible = norm_v <= NEGLIGIBLE * float(torch.linalg.vector_norm(W_a, dtype=torch.float32))
+    return Delta(module, V, *digests, negligible)
 
 
-def iter_deltas(
-    base: Checkpoint, aligned: Checkpoint, modules: list[str]
-) -> Iterator[tuple[str, torch.Tensor, bytes, bytes]]:
+def iter_deltas(base: Checkpoint, aligned: Checkpoint, modules: list[str]) -> Iterator[Delta]:
     """Yield each module's displacement, reading the next module while the caller works on this one."""
     if not modules:
         return
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(_read_delta, base, aligned, modules[0])
-        for i, module in enumerate(modules):
+        for i in range(len(modules)):
             result = pending.result()
             if i + 1 < len(modules):
                 pending = pool.submit(_read_delta, base, aligned, modules[i + 1])
-            yield module, *result
+            yield result
+
+
+def check_pair(base: Checkpoint, aligned: Checkpoint, modules: list[str]) -> None:
+    """Base and aligned must be one architecture: same ``model_type``, same shapes for ``modules``."""
+    if base.model_type and aligned.model_type and base.model_type != aligned.model_type:
+        raise CsuloraError(
+            f"{base.path} is a {base.model_type} model but {aligned.path} is a {aligned.model_type} model; "
+            "base and aligned must be the same architecture"
+        )
+    for module in modules:
+        shape_b, shape_a = base.shape(base.weight_key(module)), aligned.shape(aligned.weight_key(module))
+        if shape_b != shape_a:
+            raise CsuloraError(
+                f"module {module}: {aligned.path} has shape {shape_a} but {base.path} has {shape_b}; "
+                "base and aligned must be the same architecture"
+            )
+
+
+def empty_basis(m: int, n: int, total_energy: float) -> ModuleBasis:
+    """No subspace (k = 0): what a module whose alignment displacement is zero gets."""
+    return ModuleBasis(torch.zeros(m, 0), torch.zeros(n, 0), torch.zeros(0), total_energy)
+
+
+def warn_unaligned(modules: list[str], total: int, where: str) -> None:
+    """Modules with V = 0 keep their update; when every module has V = 0 there is nothing to do."""
+    if not modules:
+        return
+    if len(modules) == total:
+        raise CsuloraError(
+            f"{where}: aligned - base is zero in every module ({', '.join(modules[:3])}"
+            f"{', ...' if len(modules) > 3 else ''}): is the aligned checkpoint the base itself?"
+        )
+    for module in modules:
+        warnings.warn(
+            f"{where}: module {module}: aligned - base is zero, so no safety subspace; its update is left unchanged",
+            CsuloraWarning,
+            stacklevel=3,
+        )
 
 
 def subspace_modules(
@@ -129,8 +183,11 @@ class _StreamedBases(Mapping):
     def __getitem__(self, name: str):
         if self.position >= len(self.names) or self.names[self.position] != name:
             raise KeyError(f"{name}: streamed bases are read once, in order")
-        module, V, digest_b, digest_a = next(self.deltas)
-        basis = module_basis(V.to(self.device), self.settings)
+        _, V, digest_b, digest_a, negligible = next(self.deltas)
+        if negligible:  # no direction to protect: do not invent one from rounding noise
+            basis = empty_basis(*V.shape, float(torch.linalg.vector_norm(V)) ** 2)
+        else:
+            basis = module_basis(V.to(self.device), self.settings)
         del V
         release_freed_memory()
         basis = replace(
@@ -209,6 +266,7 @@ def compute_subspace(
     if adapter is not None and not isinstance(adapter, Adapter):
         adapter = load_adapter(adapter, allow_pickle=allow_pickle)
     names = subspace_modules(aligned, modules=modules, targets=targets, adapter=adapter)
+    check_pair(base, aligned, names)
     shard_info = None
     if shard is not None:
         from .shards import shard_metadata, shard_modules
@@ -218,21 +276,32 @@ def compute_subspace(
     streamed = stream_subspace(base, aligned, names, settings, progress, device)
     if shard_info is not None:
         streamed.metadata["shard"] = shard_info
-    return Subspace(dict(streamed.bases.items()), streamed.metadata)
+    subspace = Subspace(dict(streamed.bases.items()), streamed.metadata)
+    zero = [name for name in names if subspace[name].k == 0]
+    # one shard sees only its own modules: V = 0 in all of them is not V = 0 everywhere
+    warn_unaligned(zero, len(names) if shard is None else len(names) + 1, str(aligned.path))
+    return subspace
 
 
 # -- correcting ----------------------------------------------------------------------------------
+def _subspace_file(subspace: Subspace) -> str:
+    return str(subspace.path or "the subspace")
+
+
 def _oriented_basis(subspace: Subspace, adapter: Adapter, module: str, m: int, n: int):
     """The module's ``U: m x k``, ``R: n x k`` in the update's orientation, shape-checked."""
     name = match_module(module, subspace.modules())
     if name is None:
-        raise CsuloraError(f"adapter module {module} has no entry in the subspace; recompute it with this adapter")
+        raise CsuloraError(
+            f"{_subspace_file(subspace)}: adapter module {module} has no entry in the subspace file; "
+            f"recompute it with --adapter {adapter.path}"
+        )
     basis = subspace[name]
     U, R = (basis.R, basis.U) if adapter.fan_in_fan_out else (basis.U, basis.R)
     if U.shape[0] != m or R.shape[0] != n:
         raise CsuloraError(
-            f"{adapter.path}: module {module} updates a {m} x {n} weight but the subspace is for "
-            f"{U.shape[0]} x {R.shape[0]}; was the adapter trained on a different model?"
+            f"{adapter.path}: module {module} updates a {m} x {n} weight but the subspace "
+            f"{_subspace_file(subspace)} is for {U.shape[0]} x {R.shape[0]}; was the adapter trained on another model?"
         )
     return name, U.to(torch.float64), R.to(torch.float64)
 
@@ -245,6 +314,16 @@ def _oriented_delta(V: torch.Tensor, adapter: Adapter, module: str, m: int, n: i
             f"{V.shape[0]} x {V.shape[1]}; was the adapter trained on a different model?"
         )
     return V.to(torch.float64)
+
+
+def is_corrected_adapter(path: Path) -> bool:
+    """Whether directory ``path`` is an output of ``correct``: a PEFT adapter with our report, no subfolders."""
+    return (
+        path.is_dir()
+        and (path / REPORT_NAME).is_file()
+        and (path / CONFIG_NAME).is_file()
+        and not any(item.is_dir() for item in path.iterdir())
+    )
 
 
 def correct_adapter(
@@ -265,42 +344,50 @@ def correct_adapter(
     """Correct ``adapter`` and write a PEFT adapter plus ``csulora_report.json`` into ``out``.
 
     Returns the report. The subspace comes from ``subspace`` (a file or object) or is computed from
-    ``base`` and ``aligned`` (default: the adapter's ``base_model_name_or_path``).
+    ``base`` and ``aligned`` (default: the adapter's ``base_model_name_or_path``). The output is
+    checked (writable, not an input, replaceable) before any work is done.
     """
     params = params or MethodParams()
     spec = get_method(method)
-    out = Path(out)
-    if out.exists() and not force:
-        raise CsuloraError(f"{out}: already exists (pass --force to overwrite)")
     adapter = adapter if isinstance(adapter, Adapter) else load_adapter(adapter, allow_pickle=allow_pickle)
-    results, sources = _run_method(
-        adapter, method, params, subspace, base, aligned, settings, allow_pickle, progress, device
+    required = (
+        f"--method {method} needs the full alignment matrix: pass --base (and --aligned)" if spec.needs_delta else None
     )
-    if spec.finalize is not None:
-        results = spec.finalize(adapter.factors, results, params)
-    corrected = {module: result.lora for module, result in results.items()}
-    modules_report = {
-        sources["names"][module]: _module_report(
-            result.info, sources["k"].get(module), adapter.rank(module), result.lora.rank
+    base_ckpt, aligned_ckpt = _open_pair(adapter, base, aligned, allow_pickle, required)
+    subspace_path = subspace if isinstance(subspace, str | Path) else getattr(subspace, "path", None)
+    inputs = [adapter.path, subspace_path] + [c.path for c in (base_ckpt, aligned_ckpt) if c is not None]
+    with reserve_output(out, force=force, owned=is_corrected_adapter, inputs=inputs, kind="dir"):
+        results, sources = _run_method(
+            adapter, method, params, subspace, base_ckpt, aligned_ckpt, aligned, settings, progress, device
         )
-        for module, result in results.items()
-    }
-    with torch_threads(1):  # r x r products
-        energy_before = sum(_energy(adapter.factors(m)) for m in adapter.modules)
-        energy_after = sum(_energy(corrected[m]) for m in adapter.modules)
-    report = {
-        "method": method,
-        "params": {key: params.as_dict()[key] for key in spec.relevant_params},
-        "csulora_version": __version__,
-        "adapter": str(adapter.path),
-        "subspace": sources["subspace"],
-        "energy_before": energy_before,
-        "energy_after": energy_after,
-        "modules": modules_report,
-    }
-    with atomic_dir(out, force=force) as tmp:
-        write_adapter(adapter, tmp, corrected)
-        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+        unchanged = {module: result for module, result in results.items() if result.info.get("unchanged")}
+        if spec.finalize is not None:
+            rest = {module: result for module, result in results.items() if module not in unchanged}
+            results = spec.finalize(adapter.factors, rest, params) | unchanged
+        corrected = {module: results[module].lora for module in adapter.modules}
+        modules_report = {
+            sources["names"][module]: _module_report(
+                results[module].info, sources["k"].get(module), adapter.rank(module), results[module].lora.rank
+            )
+            for module in adapter.modules
+        }
+        with torch_threads(1):  # r x r products
+            energy_before = sum(_energy(adapter.factors(m)) for m in adapter.modules)
+            energy_after = sum(_energy(corrected[m]) for m in adapter.modules)
+        report = {
+            "method": method,
+            "params": {key: params.as_dict()[key] for key in spec.relevant_params},
+            "csulora_version": __version__,
+            "adapter": str(adapter.path),
+            "subspace": sources["subspace"],
+            "energy_before": energy_before,
+            "energy_after": energy_after,
+            "unchanged_modules": [sources["names"][module] for module in adapter.modules if module in unchanged],
+            "modules": modules_report,
+        }
+        with atomic_dir(out, force=force, owned=is_corrected_adapter, inputs=inputs) as tmp:
+            write_adapter(adapter, tmp, corrected)
+            (tmp / REPORT_NAME).write_text(strict_json(report) + "\n")
     return report
 
 
@@ -330,17 +417,65 @@ def _open_pair(adapter: Adapter, base, aligned, allow_pickle: bool, required: st
         if required:
             raise CsuloraError(required)
         return None, None
-    aligned = aligned or adapter.base_model
-    if aligned is None:
+    aligned_source = aligned or adapter.base_model
+    if aligned_source is None:
         raise CsuloraError(f"{adapter.path}: no base_model_name_or_path in the config; pass --aligned")
-    return Checkpoint(base, allow_pickle=allow_pickle), Checkpoint(aligned, allow_pickle=allow_pickle)
+    base_ckpt = Checkpoint(base, allow_pickle=allow_pickle)
+    aligned_ckpt = Checkpoint(aligned_source, allow_pickle=allow_pickle)
+    check_pair(base_ckpt, aligned_ckpt, adapter.modules)
+    if aligned is not None:
+        _warn_if_not_trained_on(adapter, aligned_ckpt, allow_pickle)
+    return base_ckpt, aligned_ckpt
 
 
-def _adapter_subspace(adapter, subspace, base_ckpt, aligned_ckpt, settings, progress, device=None) -> Subspace:
+def aligned_digest(aligned: Checkpoint, modules: list[str]) -> str:
+    """sha256 of the aligned weights of ``modules``, as ``subspace`` records it (content, not names)."""
+    digest = hashlib.sha256()
+    for module in modules:
+        digest.update(tensor_digest(aligned.read(aligned.weight_key(module))))
+    return digest.hexdigest()
+
+
+def _local_checkpoint(source, allow_pickle: bool) -> Checkpoint | None:
+    """A checkpoint at a local path, or None (a Hub id, or nothing readable there)."""
+    if not source or not Path(source).expanduser().is_dir():
+        return None
+    try:
+        return Checkpoint(source, allow_pickle=allow_pickle)
+    except CsuloraError:
+        return None
+
+
+def _same_weights(one: Checkpoint, other: Checkpoint, modules: list[str]) -> bool:
+    try:
+        names = [one.weight_key(module)[: -len(".weight")] for module in modules]
+        return aligned_digest(one, names) == aligned_digest(other, names)
+    except CsuloraError:
+        return False
+
+
+def _warn_if_not_trained_on(adapter: Adapter, aligned: Checkpoint, allow_pickle: bool) -> None:
+    """``--aligned`` other than the adapter's ``base_model_name_or_path``: fine if the weights are the same."""
+    claimed = adapter.base_model
+    if not claimed or real_path(claimed) == real_path(aligned.path) or claimed == aligned.source:
+        return
+    trained_on = _local_checkpoint(claimed, allow_pickle)
+    if trained_on is not None and _same_weights(trained_on, aligned, adapter.modules):
+        return
+    warnings.warn(
+        f"{adapter.path}: the adapter was trained on {claimed} but --aligned is {aligned.source}"
+        + ("" if trained_on is not None else " (cannot compare their weights here)")
+        + (" and their weights differ" if trained_on is not None else ""),
+        CsuloraWarning,
+        stacklevel=3,
+    )
+
+
+def _adapter_subspace(adapter, subspace, base_ckpt, aligned_ckpt, aligned, settings, progress, device=None) -> Subspace:
     """The subspace to correct ``adapter`` with: the given one, or computed for its modules."""
     if subspace is not None:
         subspace = subspace if isinstance(subspace, Subspace) else load_subspace(subspace)
-        _warn_if_other_model(adapter, subspace.metadata)
+        _warn_if_other_model(adapter, subspace, aligned_ckpt or _local_checkpoint(aligned or adapter.base_model, False))
         return subspace
     if base_ckpt is None:
         raise CsuloraError("pass --subspace SUB, or --base B (and --aligned A) to compute it")
@@ -348,52 +483,78 @@ def _adapter_subspace(adapter, subspace, base_ckpt, aligned_ckpt, settings, prog
     return stream_subspace(base_ckpt, aligned_ckpt, names, settings or SubspaceSettings(), progress, device)
 
 
-def _warn_if_other_model(adapter: Adapter, metadata: dict) -> None:
-    """Shapes can match across fine-tunes of one architecture; names are the remaining clue."""
-    source = (metadata.get("aligned") or {}).get("source")
-    if not source or not adapter.base_model:
+def _warn_if_other_model(adapter: Adapter, subspace: Subspace, aligned: Checkpoint | None) -> None:
+    """The subspace must come from the weights the adapter was trained on: compare their sha256.
+
+    Shapes match across fine-tunes of one architecture and directory names say nothing about
+    content, so the recorded digest of the aligned weights is compared with the local checkpoint's.
+    """
+    recorded = (subspace.metadata.get("aligned") or {}).get("sha256")
+    source = (subspace.metadata.get("aligned") or {}).get("source")
+    if aligned is None:  # the adapter's model is not here (a Hub id): its name is the only clue left
+        if source and adapter.base_model and source != adapter.base_model:
+            warnings.warn(
+                f"{adapter.path}: the adapter was trained on {adapter.base_model} but {_subspace_file(subspace)} "
+                f"was computed from {source} (their weights cannot be compared here)",
+                CsuloraWarning,
+                stacklevel=3,
+            )
         return
-    if Path(source).name.lower() != Path(adapter.base_model).name.lower():
+    if not recorded:
+        return
+    try:
+        actual = aligned_digest(aligned, subspace.modules())
+    except CsuloraError:
+        actual = None
+    if actual != recorded:
         warnings.warn(
-            f"{adapter.path}: the adapter was trained on {adapter.base_model} but the subspace was computed "
-            f"from aligned checkpoint {source}",
+            f"{_subspace_file(subspace)}: computed from other aligned weights than {aligned.path} "
+            f"(the adapter's model): the subspace may belong to another model",
             CsuloraWarning,
             stacklevel=3,
         )
 
 
-def _run_method(adapter, method, params, subspace, base, aligned, settings, allow_pickle, progress, device):
+def _unchanged(lora: LoraFactors) -> Corrected:
+    """A module with V = 0 keeps its update: there is no safety direction to protect there."""
+    info = {"energy": _energy(lora), "kappa_h": 1.0, "kappa_o": 1.0, "unchanged": "aligned - base is zero here"}
+    return Corrected(LoraFactors(lora.B.float(), lora.A.float(), lora.scale), info)
+
+
+def _run_method(adapter, method, params, subspace, base_ckpt, aligned_ckpt, aligned, settings, progress, device):
     """Apply ``method`` module by module; returns the per-module results and where inputs came from."""
     spec = get_method(method)
     needs_basis = method_needs_basis(method, params)
     sources = {"names": {}, "k": {}, "subspace": None}
-    required = (
-        f"--method {method} needs the full alignment matrix: pass --base (and --aligned)" if spec.needs_delta else None
-    )
-    base_ckpt, aligned_ckpt = _open_pair(adapter, base, aligned, allow_pickle, required)
     if needs_basis:
-        subspace = _adapter_subspace(adapter, subspace, base_ckpt, aligned_ckpt, settings, progress, device)
+        subspace = _adapter_subspace(adapter, subspace, base_ckpt, aligned_ckpt, aligned, settings, progress, device)
         sources["subspace"] = subspace.metadata
     deltas = None
     if spec.needs_delta:
         names = subspace_modules(aligned_ckpt, modules=adapter.modules, targets=None, adapter=None)
         deltas = iter_deltas(base_ckpt, aligned_ckpt, names)
 
-    results = {}
+    results, unaligned = {}, []
     for module in tqdm(adapter.modules, desc=method, disable=not progress):
         lora = adapter.factors(module)
         m, n = lora.B.shape[0], lora.A.shape[1]
         inputs = ModuleInputs(module)
-        name = None
+        name, zero = None, False
         if needs_basis:
             name, inputs.U, inputs.R = _oriented_basis(subspace, adapter, module, m, n)
             sources["k"][module] = inputs.U.shape[1]
+            zero = inputs.U.shape[1] == 0
         if deltas is not None:
-            name, V, _, _ = next(deltas)
-            inputs.V = _oriented_delta(V, adapter, module, m, n)
+            delta = next(deltas)
+            name, inputs.V = delta.module, _oriented_delta(delta.V, adapter, module, m, n)
+            zero = zero or delta.negligible
         if name is None:
             name = aligned_ckpt.weight_key(module)[: -len(".weight")] if aligned_ckpt else module
         sources["names"][module] = name
+        if zero:
+            unaligned.append(name)
+            results[module] = _unchanged(lora)
+            continue
         k = inputs.U.shape[1] if inputs.U is not None else 0
         with torch_threads(threads_for(correction_flops(m, n, lora.rank, k, inputs.V is not None))):
             result = spec.correct(lora, inputs, params)
@@ -403,6 +564,8 @@ def _run_method(adapter, method, params, subspace, base, aligned, settings, allo
                 info = info | {"truncation_error": error}
         # float32 is ample for storage (adapters are saved in fp32 or lower) and halves peak memory
         results[module] = Corrected(LoraFactors(new.B.float(), new.A.float(), new.scale), info)
+    where = _subspace_file(subspace) if needs_basis and subspace is not None and base_ckpt is None else None
+    warn_unaligned(unaligned, len(adapter.modules), where or str(aligned_ckpt.path if aligned_ckpt else adapter.path))
     return results, sources
 
 
@@ -421,11 +584,13 @@ def inspect_adapter(
     """The per-module decomposition of ``adapter`` (nothing is written): one row per module."""
     adapter = adapter if isinstance(adapter, Adapter) else load_adapter(adapter, allow_pickle=allow_pickle)
     base_ckpt, aligned_ckpt = _open_pair(adapter, base, aligned, allow_pickle, None)
-    subspace = _adapter_subspace(adapter, subspace, base_ckpt, aligned_ckpt, settings, progress, device)
-    rows = []
+    subspace = _adapter_subspace(adapter, subspace, base_ckpt, aligned_ckpt, aligned, settings, progress, device)
+    rows, unaligned = [], []
     for module in adapter.modules:
         lora = adapter.factors(module)
         name, U, R = _oriented_basis(subspace, adapter, module, lora.B.shape[0], lora.A.shape[1])
+        if U.shape[1] == 0:
+            unaligned.append(name)
         d = decompose(lora, U, R)
         rows.append(
             {
@@ -439,6 +604,9 @@ def inspect_adapter(
                 "rho_o": d.rho_o,
             }
         )
+    warn_unaligned(
+        unaligned, len(adapter.modules), _subspace_file(subspace) if base_ckpt is None else str(aligned_ckpt.path)
+    )
     return rows
 
 

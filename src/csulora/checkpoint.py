@@ -59,8 +59,29 @@ class Checkpoint:
         self.path = resolve_local(source, allow_patterns=["*.json", "*.safetensors"])
         self.allow_pickle = allow_pickle
         self._pickled: dict[str, dict] = {}
+        self.model_type = self._read_model_type()
         self.weight_map = self._find_weight_files()
         self._shapes = self._read_headers()
+
+    def _read_model_type(self) -> str | None:
+        """``config.json``'s ``model_type`` (None without a config); quantized checkpoints are refused."""
+        file = self.path / "config.json"
+        if not file.is_file():
+            return None
+        try:
+            config = json.loads(file.read_text())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise CsuloraError(f"{file}: invalid JSON ({exc})") from None
+        if not isinstance(config, dict):
+            raise CsuloraError(f"{file}: expected a JSON object")
+        if config.get("quantization_config"):
+            method = (config["quantization_config"] or {}).get("quant_method", "unknown")
+            raise CsuloraError(
+                f"{self.path}: quantized checkpoint (quantization_config, method {method}); its stored tensors "
+                "are codes, not weights: dequantize it first"
+            )
+        model_type = config.get("model_type")
+        return model_type if isinstance(model_type, str) else None
 
     # -- discovery -------------------------------------------------------------------------------
     def _find_weight_files(self) -> dict[str, str]:
@@ -84,8 +105,13 @@ class Checkpoint:
     def _index_map(self, index: Path) -> dict[str, str]:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as exc:
-            raise CsuloraError(f"{index}: not a valid weight index ({exc})") from None
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            raise CsuloraError(f"{index}: not a valid weight index ({type(exc).__name__}: {exc})") from None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(shard, str) and "/" not in shard and shard not in ("", ".", "..")
+            for shard in weight_map.values()
+        ):
+            raise CsuloraError(f"{index}: weight_map must map tensor names to shard file names")
         for shard in sorted(set(weight_map.values())):
             if not (self.path / shard).is_file():
                 raise CsuloraError(f"{index}: shard {shard} is missing")
@@ -96,7 +122,7 @@ class Checkpoint:
             with safe_open(str(file), framework="pt") as f:
                 return list(f.keys())
         except (SafetensorError, OSError) as exc:
-            raise CsuloraError(f"{file}: corrupt or truncated safetensors file ({exc})") from None
+            raise read_failure(file, exc) from None
 
     def _pickle_state(self, shard: str) -> dict:
         if shard not in self._pickled:
@@ -104,24 +130,33 @@ class Checkpoint:
             try:
                 self._pickled[shard] = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
             except Exception as exc:
-                raise CsuloraError(f"{file}: cannot load with weights_only=True ({exc})") from None
+                raise CsuloraError(f"{file}: cannot load with weights_only=True ({first_line(exc)})") from None
         return self._pickled[shard]
 
     def _read_headers(self) -> dict[str, tuple[int, ...]]:
         """Shapes of every tensor, from the headers alone; also validates every shard once."""
         shapes: dict[str, tuple[int, ...]] = {}
+        self._stored: set[str] = set()  # every key of every shard, indexed or not
         for shard in sorted(set(self.weight_map.values())):
             file = self.path / shard
             if shard.endswith(".safetensors"):
                 try:
                     with safe_open(str(file), framework="pt") as f:
                         for key in f.keys():
-                            shapes[key] = tuple(f.get_slice(key).get_shape())
+                            self._stored.add(key)
+                            # with an index a key is read only from the shard it names, never a stray copy
+                            if self.weight_map.get(key) == shard:
+                                shapes[key] = tuple(f.get_slice(key).get_shape())
                 except (SafetensorError, OSError) as exc:
-                    raise CsuloraError(f"{file}: corrupt or truncated safetensors file ({exc})") from None
+                    raise read_failure(file, exc) from None
             else:
-                for key, tensor in self._pickle_state(shard).items():
-                    shapes[key] = tuple(tensor.shape)
+                state = self._pickle_state(shard)
+                if not isinstance(state, dict):
+                    raise CsuloraError(f"{file}: expected a state dict of tensors")
+                for key, tensor in state.items():
+                    self._stored.add(key)
+                    if self.weight_map.get(key) == shard and isinstance(tensor, torch.Tensor):
+                        shapes[key] = tuple(tensor.shape)
         missing = [key for key in self.weight_map if key not in shapes]
         if missing:
             raise CsuloraError(f"{self.path}: index lists {missing[0]} but its shard does not hold it")
@@ -141,12 +176,19 @@ class Checkpoint:
         shard = self.weight_map[key]
         file = self.path / shard
         if not shard.endswith(".safetensors"):
-            return self._pickle_state(shard)[key].clone()
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                return f.get_tensor(key)
-        except (SafetensorError, OSError) as exc:
-            raise CsuloraError(f"{file}: cannot read {key} ({exc})") from None
+            tensor = self._pickle_state(shard)[key].clone()
+        else:
+            try:
+                with safe_open(str(file), framework="pt") as f:
+                    tensor = f.get_tensor(key)
+            except (SafetensorError, OSError) as exc:
+                raise read_failure(file, exc, f"cannot read {key}") from None
+        if tensor.dtype.itemsize == 1 and tensor.dtype.is_floating_point:
+            module = key.rsplit(".", 1)[0]
+            scales = [k for k in (f"{module}.weight_scale", f"{module}.weight_scale_inv") if k in self._stored]
+            if scales:
+                raise CsuloraError(f"{file}: {key} is {tensor.dtype} with scales {scales[0]}: dequantize it first")
+        return floating(tensor, f"{file}: {key}")
 
     def weight_key(self, module: str) -> str:
         """The checkpoint key of ``module``'s weight, tolerating a missing or extra model prefix.
@@ -169,6 +211,34 @@ class Checkpoint:
             if any(module == t or module.endswith("." + t) for t in targets):
                 found.append(module)
         return sorted(found, key=natural_key)
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception as one line: library messages can span many (and carry terminal colour codes)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def read_failure(file: Path, exc: Exception, what: str = "corrupt or truncated safetensors file") -> CsuloraError:
+    """The error for a failed safetensors read; a file we may not read says so (safetensors may call it missing)."""
+    try:
+        with open(file, "rb"):
+            pass
+    except OSError as reason:
+        return CsuloraError(f"{file}: cannot read the file ({reason.strerror})")
+    return CsuloraError(f"{file}: {what} ({first_line(exc)})")
+
+
+def floating(tensor: torch.Tensor, where: str) -> torch.Tensor:
+    """``tensor`` if it holds real floating-point numbers; float8 comes back as float32 (exactly)."""
+    if not tensor.dtype.is_floating_point:
+        raise CsuloraError(
+            f"{where} has dtype {str(tensor.dtype).removeprefix('torch.')}, not a floating-point type "
+            "(quantized or integer tensors are not weights; dequantize first)"
+        )
+    if tensor.dtype.itemsize == 1:  # every float8 value is a float32 value; torch has few float8 kernels
+        return tensor.float()
+    return tensor
 
 
 def natural_key(name: str) -> list:

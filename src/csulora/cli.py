@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -90,33 +92,42 @@ def _params(args):
 
 
 def cmd_subspace(args) -> int:
-    if args.output.exists() and not args.force:
-        raise CsuloraError(f"{args.output}: already exists (pass --force to overwrite)")
-    if args.merge:
-        from .shards import merge_shards
+    from .io_utils import reserve_output
+    from .subspace import is_subspace_file
 
+    if args.merge:
         if args.base or args.aligned or args.shard or args.adapter or args.targets:
             raise CsuloraError("--merge takes only the shard files and -o")
-
-        subspace = merge_shards(args.merge)
+        inputs = list(args.merge)
     else:
-        from .api import compute_subspace
         from .shards import parse_shard
 
         if not (args.base and args.aligned):
             raise CsuloraError("subspace needs --base and --aligned (or --merge SHARD_FILES)")
-        subspace = compute_subspace(
-            args.base,
-            args.aligned,
-            targets=_csv(args.targets) if args.targets else None,
-            adapter=args.adapter,
-            settings=_settings(args),
-            allow_pickle=args.allow_pickle,
-            progress=not args.quiet,
-            device=args.device,
-            shard=parse_shard(args.shard) if args.shard else None,
-        )
-    subspace.save(args.output, force=args.force)
+        settings = _settings(args)
+        shard = parse_shard(args.shard) if args.shard else None
+        inputs = [args.base, args.aligned, args.adapter]
+    # the output is checked and locked before any SVD runs, and stays ours until it is written
+    with reserve_output(args.output, force=args.force, owned=is_subspace_file, inputs=inputs):
+        if args.merge:
+            from .shards import merge_shards
+
+            subspace = merge_shards(args.merge)
+        else:
+            from .api import compute_subspace
+
+            subspace = compute_subspace(
+                args.base,
+                args.aligned,
+                targets=_csv(args.targets) if args.targets else None,
+                adapter=args.adapter,
+                settings=settings,
+                allow_pickle=args.allow_pickle,
+                progress=not args.quiet,
+                device=args.device,
+                shard=shard,
+            )
+        subspace.save(args.output, force=args.force)
     ks = [meta["k"] for meta in subspace.module_metadata().values()]
     span = f", k from {min(ks)} to {max(ks)}" if ks else ""
     print(f"wrote {args.output}: {len(ks)} modules{span}")
@@ -149,27 +160,34 @@ def cmd_correct(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from .report import format_table, inspect_adapter, plot_decomposition
+    from .io_utils import reserve_output, strict_json
+    from .report import format_table, inspect_adapter, is_png, plot_decomposition
 
     if args.plot:
         from .extras import require_extra
 
         require_extra("plot", "matplotlib", feature="csulora inspect --plot")
-
-    rows = inspect_adapter(
-        args.adapter,
-        subspace=args.subspace,
-        base=args.base,
-        aligned=args.aligned,
-        settings=_settings(args),
-        allow_pickle=args.allow_pickle,
-        progress=not args.quiet,
-        device=args.device,
-    )
-    if args.plot:
-        plot_decomposition(rows, args.plot, force=args.force)
+    settings = _settings(args)
+    inputs = [args.adapter, args.subspace, args.base, args.aligned]
+    with (
+        reserve_output(args.plot, force=args.force, owned=is_png, inputs=inputs)
+        if args.plot
+        else contextlib.nullcontext()
+    ):
+        rows = inspect_adapter(
+            args.adapter,
+            subspace=args.subspace,
+            base=args.base,
+            aligned=args.aligned,
+            settings=settings,
+            allow_pickle=args.allow_pickle,
+            progress=not args.quiet,
+            device=args.device,
+        )
+        if args.plot:
+            plot_decomposition(rows, args.plot, force=args.force)
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(strict_json(rows))
     else:
         print(format_table(rows))
     if args.plot:
@@ -222,28 +240,56 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _default_showwarning = warnings.showwarning
+_pending_warnings: list[str] = []
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
-    """Our own warnings as one line; everybody else's as Python prints them."""
+    """Our own warnings as one line, once the command succeeds; everybody else's as Python prints them.
+
+    A run that fails prints only its error: one line that says what is wrong.
+    """
     if issubclass(category, CsuloraWarning):
-        print(f"csulora: warning: {message}", file=sys.stderr)
+        _pending_warnings.append(f"csulora: warning: {message}")
     else:
         _default_showwarning(message, category, filename, lineno, file, line)
 
 
+def _terminate(signum, frame):
+    """SIGTERM (a scheduler, ``timeout``) unwinds like Ctrl-C, so temporary outputs are removed."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    warnings.showwarning = _show_warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", CsuloraWarning)  # each run reports its own, even in one process
+        warnings.showwarning = _show_warning
+        return _run(args)
+
+
+def _run(args) -> int:
     map_large_allocations()  # big tensors freed module by module go straight back to the OS
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
+    _pending_warnings.clear()
     try:
-        return args.func(args)
+        code = args.func(args)
+        for line in _pending_warnings:
+            print(line, file=sys.stderr)
+        return code
     except CsuloraError as exc:
         print(f"csulora: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file that vanished or cannot be read or written: one line, not a traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"csulora: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("csulora: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

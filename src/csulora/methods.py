@@ -50,6 +50,12 @@ class MethodParams:
             raise CsuloraError(f"--select must be 'threshold' or 'number', got {self.select!r}")
         if not self.lam >= 0:
             raise CsuloraError(f"--lam must be >= 0, got {self.lam}")
+        if self.match_lam is not None and not self.match_lam >= 0:
+            raise CsuloraError(f"--match-lam must be >= 0, got {self.match_lam}")
+        if self.factor is not None and not (math.isfinite(self.factor) and self.factor >= 0):
+            raise CsuloraError(f"--factor must be a finite number >= 0, got {self.factor}")
+        if not math.isfinite(self.threshold):
+            raise CsuloraError(f"--threshold must be finite, got {self.threshold}")
         if self.num_proj_layers < 0:
             raise CsuloraError(f"--num-proj-layers must be >= 0, got {self.num_proj_layers}")
 

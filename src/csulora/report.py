@@ -7,7 +7,7 @@ from pathlib import Path
 from .api import inspect_adapter
 from .io_utils import atomic_file
 
-__all__ = ["format_table", "inspect_adapter", "plot_decomposition"]
+__all__ = ["format_table", "inspect_adapter", "is_png", "plot_decomposition"]
 
 
 def format_table(rows: list[dict]) -> str:
@@ -29,6 +29,15 @@ def format_table(rows: list[dict]) -> str:
             f"{shares[0]:>6.3f}  {shares[1]:>6.3f}  {shares[2]:>6.3f}"
         )
     return "\n".join(lines)
+
+
+def is_png(path: Path) -> bool:
+    """Whether ``path`` is a PNG image (the only kind of file ``--plot --force`` replaces)."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(8) == b"\x89PNG\r\n\x1a\n"
+    except OSError:
+        return False
 
 
 def plot_decomposition(rows: list[dict], path: str | Path, *, force: bool = False) -> Path:
@@ -58,7 +67,7 @@ def plot_decomposition(rows: list[dict], path: str | Path, *, force: bool = Fals
     ax.legend(loc="upper right", fontsize=7)
     fig.tight_layout()
     path = Path(path)
-    with atomic_file(path, force=force) as tmp:
+    with atomic_file(path, force=force, owned=is_png) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
     return path

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from .checkpoint import read_failure
 from .errors import CsuloraError
 from .io_utils import atomic_file
 
@@ -201,6 +202,11 @@ class Subspace:
     def modules(self) -> list[str]:
         return list(self.bases)
 
+    @property
+    def path(self) -> Path | None:
+        """The file the bases are read from, if any (for messages)."""
+        return getattr(self.bases, "path", None)
+
     def module_metadata(self) -> dict:
         return {
             name: {
@@ -226,9 +232,21 @@ class Subspace:
             "format_version": FORMAT_VERSION,
             "modules": self.module_metadata(),
         }
-        with atomic_file(path, force=force) as tmp:
-            save_file(tensors, str(tmp), metadata={"csulora": json.dumps(document)})
+        for key, tensor in tensors.items():
+            if not torch.isfinite(tensor).all():
+                raise CsuloraError(f"{path}: subspace tensor {key} is not finite; nothing written")
+        with atomic_file(path, force=force, owned=is_subspace_file) as tmp:
+            save_file(tensors, str(tmp), metadata={"csulora": json.dumps(document, allow_nan=False)})
         return Path(path)
+
+
+def is_subspace_file(path: Path) -> bool:
+    """Whether ``path`` is a safetensors file csulora wrote (it carries the ``csulora`` metadata)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return "csulora" in (f.metadata() or {})
+    except Exception:  # not safetensors at all
+        return False
 
 
 class _FileBases(Mapping):
@@ -251,8 +269,55 @@ class _FileBases(Mapping):
             with safe_open(str(self.path), framework="pt") as f:
                 U, R, sigma = (f.get_tensor(f"{name}.{part}") for part in ("U", "R", "sigma"))
         except (SafetensorError, OSError) as exc:
-            raise CsuloraError(f"{self.path}: cannot read module {name} ({exc})") from None
-        return ModuleBasis(U, R, sigma, float(self.meta[name]["total_energy"]), self.meta[name].get("sha256"))
+            raise read_failure(self.path, exc, f"cannot read module {name}") from None
+        basis = ModuleBasis(U, R, sigma, float(self.meta[name]["total_energy"]), self.meta[name].get("sha256"))
+        check_basis(basis, self.meta[name], f"{self.path}: module {name}")
+        return basis
+
+
+ORTHONORMAL_TOL = 1e-3  # float32 bases are orthonormal to ~1e-6; a rescaled or edited one is far off
+
+
+def check_basis(basis: ModuleBasis, meta: dict, where: str) -> None:
+    """A basis read from a file: float, finite, shaped as its metadata says, orthonormal columns."""
+    U, R, sigma = basis.U, basis.R, basis.sigma
+    for part, tensor in (("U", U), ("R", R), ("sigma", sigma)):
+        if not tensor.dtype.is_floating_point or tensor.dtype.itemsize == 1:
+            raise CsuloraError(f"{where}: {part} has dtype {tensor.dtype}, expected float32")
+        if not torch.isfinite(tensor).all():
+            raise CsuloraError(f"{where}: {part} has NaN or Inf values")
+    k = meta["k"]
+    if U.dim() != 2 or R.dim() != 2 or sigma.dim() != 1 or [U.shape[0], R.shape[0]] != meta["shape"]:
+        raise CsuloraError(f"{where}: tensor shapes U {tuple(U.shape)}, R {tuple(R.shape)} do not match the metadata")
+    if not U.shape[1] == R.shape[1] == sigma.shape[0] == k:
+        raise CsuloraError(f"{where}: U, R and sigma do not all have k = {k} columns")
+    for part, Q in (("U", U), ("R", R)):
+        Q = Q.double()
+        error = float((Q.T @ Q - torch.eye(k, dtype=Q.dtype)).abs().max()) if k else 0.0
+        if error > ORTHONORMAL_TOL:
+            raise CsuloraError(
+                f"{where}: the columns of {part} are not orthonormal (max |{part}^T {part} - I| = {error:.3g})"
+            )
+    if (sigma < 0).any():
+        raise CsuloraError(f"{where}: negative singular values")
+
+
+def _check_module_metadata(meta, where: str) -> None:
+    def count(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    def number(value) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+    if not (
+        isinstance(meta, dict)
+        and count(meta.get("k"))
+        and isinstance(meta.get("shape"), list)
+        and len(meta["shape"]) == 2
+        and all(count(x) and x > 0 for x in meta["shape"])
+        and number(meta.get("total_energy"))
+    ):
+        raise CsuloraError(f"{where}: corrupt metadata {json.dumps(meta)[:200]}")
 
 
 def load_subspace(path: str | Path) -> Subspace:
@@ -265,19 +330,24 @@ def load_subspace(path: str | Path) -> Subspace:
             header = f.metadata() or {}
             keys = set(f.keys())
     except (SafetensorError, OSError) as exc:
-        raise CsuloraError(f"{path}: unreadable subspace file ({exc})") from None
+        raise read_failure(path, exc, "unreadable subspace file") from None
     if "csulora" not in header:
         raise CsuloraError(f"{path}: not a csulora subspace file (no 'csulora' metadata)")
     try:
         document = json.loads(header["csulora"])
     except ValueError:
         raise CsuloraError(f"{path}: corrupt csulora metadata") from None
+    if not isinstance(document, dict):
+        raise CsuloraError(f"{path}: corrupt csulora metadata (not a JSON object)")
     if document.get("format_version") != FORMAT_VERSION:
         raise CsuloraError(f"{path}: subspace format {document.get('format_version')} is not supported")
-    modules = document.get("modules", {})
-    for name in modules:
+    modules = document.get("modules")
+    if not isinstance(modules, dict):  # empty is fine: a shard can hold no module
+        raise CsuloraError(f"{path}: corrupt csulora metadata (no 'modules' table)")
+    for name, meta in modules.items():
         missing = {f"{name}.U", f"{name}.R", f"{name}.sigma"} - keys
         if missing:
             raise CsuloraError(f"{path}: module {name} lacks tensors {sorted(missing)}")
+        _check_module_metadata(meta, f"{path}: module {name}")
     metadata = {key: value for key, value in document.items() if key != "modules"}
     return Subspace(_FileBases(path, modules), metadata)

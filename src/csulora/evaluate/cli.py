@@ -2,27 +2,58 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
-from ..io_utils import atomic_file
+from ..io_utils import atomic_file, reserve_output
 from .judges import JUDGES, build_judge, load_keywords
 from .metrics import SCORINGS
+
+
+def is_eval_result(path: Path) -> bool:
+    """Whether ``path`` holds a ``csulora eval --out`` result (the only file ``--force`` replaces)."""
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(result, dict) and "asr" in result and "responses" in result
+
+
+def quiet_libraries() -> None:
+    """``-q``: no progress bars from transformers ("Loading weights") or the Hub either."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    disable_progress_bars()
+    transformers_logging.disable_progress_bar()
 
 
 def cmd_eval(args) -> int:
     from ..errors import CsuloraError
     from ..extras import require_extra
-    from .pipeline import Generation, TaskSet, generate_and_judge
-    from .prompts import load_prompts, load_tasks
+    from .prompts import load_prompts
 
     if args.max_new_tokens < 1 or args.batch_size < 1:
         raise CsuloraError("--max-new-tokens and --batch-size must be >= 1")
     require_extra("eval", "transformers", "peft", feature="csulora eval")
     prompts = load_prompts(args.prompts)
     extra = load_keywords(args.refusal_keywords) if args.refusal_keywords else []
-    if args.out is not None and args.out.exists() and not args.force:
-        raise CsuloraError(f"{args.out}: already exists (pass --force to overwrite)")
+    if args.quiet:
+        quiet_libraries()
+    inputs = [args.model, args.adapter, args.prompts, args.tasks, args.refusal_keywords, args.classifier]
+    with (
+        reserve_output(args.out, force=args.force, owned=is_eval_result, inputs=inputs)
+        if args.out is not None
+        else contextlib.nullcontext()
+    ):
+        return _run_eval(args, prompts, extra)
+
+
+def _run_eval(args, prompts: list[str], extra: list[str]) -> int:
+    from .pipeline import Generation, TaskSet, generate_and_judge
+    from .prompts import load_tasks
+
     headline = args.judge or ("classifier" if args.classifier else "keyword")
     names = [headline] + [n for n in JUDGES if n != headline and (n != "classifier" or args.classifier)]
     judges = [build_judge(n, extra_keywords=extra, classifier=args.classifier, device=args.device) for n in names]
@@ -42,7 +73,7 @@ def cmd_eval(args) -> int:
     if args.classifier:
         result["classifier"] = str(args.classifier)
     if args.out is not None:
-        with atomic_file(args.out, force=args.force) as tmp:
+        with atomic_file(args.out, force=args.force, owned=is_eval_result) as tmp:
             tmp.write_text(json.dumps(result, indent=2) + "\n")
     others = ", ".join(f"{n} {result[f'asr_{n}']:.3f}" for n in names[1:])
     print(f"ASR {result['asr']:.3f} on {result['n']} prompts ({headline} judge; {others})")

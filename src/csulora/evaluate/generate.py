@@ -24,14 +24,14 @@ def load_model(model: str | Path, adapter: str | Path | None = None, *, merge: b
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..checkpoint import resolve_local
+    from ..checkpoint import first_line, resolve_local
 
     path = resolve_local(model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         lm = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
-    except (OSError, ValueError) as exc:
-        raise CsuloraError(f"{model}: cannot load a causal LM ({str(exc).splitlines()[0]})") from None
+    except Exception as exc:  # transformers raises many kinds for a directory that is not a model
+        raise CsuloraError(f"{model}: cannot load a causal LM ({first_line(exc)})") from None
     from ..api import resolve_device
 
     full_precision = lm.dtype == torch.float32
@@ -44,8 +44,8 @@ def load_model(model: str | Path, adapter: str | Path | None = None, *, merge: b
             with warnings.catch_warnings():  # PEFT calls a method transformers 5 deprecates; harmless
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
                 lm = PeftModel.from_pretrained(lm, adapter_path)
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise CsuloraError(f"{adapter}: cannot load the adapter ({str(exc).splitlines()[0]})") from None
+        except Exception as exc:  # PEFT, like transformers, raises many kinds
+            raise CsuloraError(f"{adapter}: cannot load the adapter ({first_line(exc)})") from None
         if merge and full_precision:
             lm = lm.merge_and_unload()
     return lm.eval(), tokenizer
