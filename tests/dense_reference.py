@@ -1,4 +1,4 @@
-"""Independent dense implementations of DESIGN.md section 1, for small matrices only."""
+"""Independent dense implementations of docs/method.md, for small matrices only."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Property tests of the factored closed forms against the dense reference (DESIGN.md section 1)."""
+"""Property tests of the factored closed forms against the dense reference (docs/method.md)."""
 
 from __future__ import annotations
 

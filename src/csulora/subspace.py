@@ -182,7 +182,7 @@ def module_basis(V: torch.Tensor, settings: SubspaceSettings) -> ModuleBasis:
 
 def _frobenius_sq(V: torch.Tensor, rows: int = 1024) -> float:
     """Exact ``||V||_F^2`` accumulated in float64 without a float64 copy of the whole matrix."""
-    # square_ on the float64 chunk: same values as ``** 2``, ~30x faster on CPU (no pow kernel, no extra copy)
+    # square_ in place on the float64 chunk: same values as ``** 2`` without a second chunk-sized buffer
     return math.fsum(float(torch.sum(V[i : i + rows].double().square_())) for i in range(0, V.shape[0], rows))
 
 

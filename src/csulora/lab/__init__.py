@@ -1,1 +1,1 @@
-"""The lab: the paper's experiment in miniature, built locally and seeded (DESIGN.md section 3)."""
+"""The lab: the paper's experiment in miniature, built locally and seeded (see the README's quick start)."""
