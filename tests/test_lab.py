@@ -146,7 +146,7 @@ def test_saturated_asr_is_a_tie_not_a_loss():
     assert report.verdict(models, cs + clearly, n_harmful=48)["comparisons"]["scale"]["lower"] == 1
 
 
-# -- end to end ----------------------------------------------------------------------------------
+# -- end to end (marked slow: the tiny lab takes minutes on 2 cores) -------------------------------
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     from csulora.cli import main
@@ -156,6 +156,7 @@ def lab(tmp_path_factory):
     return out, json.loads((out / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_lab_writes_the_three_files(lab):
     out, _ = lab
     assert (out / "frontier.png").stat().st_size > 1000
@@ -163,6 +164,7 @@ def test_lab_writes_the_three_files(lab):
     assert "## Verdict" in text and "csulora" in text and "| lam=" in text
 
 
+@pytest.mark.slow
 def test_results_schema(lab):
     _, results = lab
     assert {"config", "models", "runs"} <= set(results)
@@ -177,6 +179,7 @@ def test_results_schema(lab):
     assert results["verdict"]["sentence"] in (lab[0] / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_every_method_is_run_and_plotted(lab):
     _, results = lab
     assert {run["method"] for run in results["runs"]} == METHODS
@@ -185,6 +188,7 @@ def test_every_method_is_run_and_plotted(lab):
     assert all(run["params"]["factor"] is None and run["params"]["match_lam"] is not None for run in scale)
 
 
+@pytest.mark.slow
 def test_the_attack_works(lab):
     _, results = lab
     aligned, lora = results["models"]["aligned"], results["models"]["lora"]
@@ -194,6 +198,7 @@ def test_the_attack_works(lab):
     assert results["verdict"]["attack"]["works"]
 
 
+@pytest.mark.slow
 def test_metric_formulas_hold_on_the_reported_numbers(lab):
     _, results = lab
     aligned, lora = results["models"]["aligned"], results["models"]["lora"]
@@ -205,6 +210,7 @@ def test_metric_formulas_hold_on_the_reported_numbers(lab):
         assert run["utility_kept"] == pytest.approx(kept)
 
 
+@pytest.mark.slow
 def test_artifacts_are_real_checkpoints(lab):
     from csulora.adapter import load_adapter
 
@@ -219,6 +225,7 @@ def test_artifacts_are_real_checkpoints(lab):
     assert all((path / "csulora_report.json").is_file() for path in corrected)
 
 
+@pytest.mark.slow
 def test_eval_command_agrees_with_the_lab(lab, tmp_path):
     """`csulora eval` on the lab's aligned model + LoRA gives the lab's ASR (same code path)."""
     from csulora.cli import main
@@ -244,10 +251,15 @@ def test_eval_command_agrees_with_the_lab(lab, tmp_path):
     assert evaluation["utility"] == pytest.approx(results["models"]["lora"]["utility"])
 
 
-def test_rerun_reuses_the_cache_and_gives_identical_numbers(lab):
+@pytest.mark.slow
+def test_rerun_reuses_the_cache_and_gives_identical_numbers(lab, tmp_path):
+    import shutil
+
     from csulora.cli import main
 
-    out, first = lab
+    first_out, first = lab
+    out = tmp_path / "out"  # a copy, so that the other tests' lab directory is never rewritten
+    shutil.copytree(first_out, out)
     assert main(["lab", "--size", "tiny", "--out", str(out), "-q"]) == 0
     second = json.loads((out / "results.json").read_text())
     assert second["artifacts"]["reused"] == ["tokenizer", "base", "aligned", "lora", "subspace"]

@@ -63,7 +63,7 @@ def oriented(U, R, fan_in_fan_out):
 
 
 def reference(method, deltas, sub, V, params, fan_in_fan_out, ckpt_name):
-    """The dense DESIGN.md result for every module of the adapter."""
+    """The dense docs/method.md result for every module of the adapter."""
     out = {}
     for module, dW in deltas.items():
         name = ckpt_name(module)
@@ -100,9 +100,12 @@ def reference(method, deltas, sub, V, params, fan_in_fan_out, ckpt_name):
     return out
 
 
-def check_round_trip(tmp_path, model_cls, base, aligned, adapter, method, params, fan_in_fan_out=False, settings=None):
-    sub_path = tmp_path / "sub.safetensors"
-    if not sub_path.exists():
+def check_round_trip(
+    tmp_path, model_cls, base, aligned, adapter, method, params, fan_in_fan_out=False, settings=None, sub_path=None
+):
+    """Correct ``adapter`` into ``tmp_path`` (computing the subspace there unless ``sub_path`` is given)."""
+    if sub_path is None:
+        sub_path = tmp_path / "sub.safetensors"
         compute_subspace(base, aligned, adapter=adapter, settings=settings or SubspaceSettings()).save(sub_path)
     sub = load_subspace(sub_path)
     out = tmp_path / f"out-{method}"
@@ -139,14 +142,22 @@ LLAMA_METHODS = [
 ]
 
 
+@pytest.fixture(scope="module")
+def llama_subspace(tmp_path_factory, llama_pair, llama_adapter):
+    """The Llama pair's subspace, computed once for every method's round trip."""
+    path = tmp_path_factory.mktemp("llama-subspace") / "sub.safetensors"
+    compute_subspace(*llama_pair, adapter=llama_adapter).save(path)
+    return path
+
+
 @pytest.mark.parametrize("method,params", LLAMA_METHODS, ids=[m for m, _ in LLAMA_METHODS])
-def test_llama_every_method(tmp_path_factory, llama_pair, llama_adapter, method, params):
+def test_llama_every_method(tmp_path, llama_pair, llama_adapter, llama_subspace, method, params):
     from transformers import LlamaForCausalLM
 
-    tmp = tmp_path_factory.getbasetemp() / "llama-methods"
-    tmp.mkdir(exist_ok=True)
     base, aligned = llama_pair
-    report, out = check_round_trip(tmp, LlamaForCausalLM, base, aligned, llama_adapter, method, params)
+    report, out = check_round_trip(
+        tmp_path, LlamaForCausalLM, base, aligned, llama_adapter, method, params, sub_path=llama_subspace
+    )
     assert report["method"] == method
     module = "model.layers.0.self_attn.q_proj"
     row = report["modules"][module]
@@ -316,6 +327,56 @@ def test_gpt_neox_fused_query_key_value(tmp_path):
     assert "gpt_neox.layers.0.attention.query_key_value" in report["modules"]
 
 
-def test_llama_targets_cover_all_linear(llama_adapter):
-    config = json.loads((llama_adapter / "adapter_config.json").read_text())
-    assert set(config["target_modules"]) == set(LLAMA_TARGETS)
+def test_adapter_modules_are_found_from_the_saved_keys(llama_adapter):
+    """load_adapter finds every (layer, projection) the PEFT adapter holds, named as in the checkpoint."""
+    from csulora.adapter import load_adapter
+
+    adapter = load_adapter(llama_adapter)
+    prefixes = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn"}
+    expected = {
+        f"model.layers.{layer}.{prefixes.get(target, 'mlp')}.{target}" for layer in range(2) for target in LLAMA_TARGETS
+    }
+    assert set(adapter.modules) == expected
+    assert all(adapter.factors(m).rank == 4 and adapter.scale(m) == 2.0 for m in adapter.modules)
+
+
+def tiny_causal_lm(arch: str):
+    """A tiny Mistral (sliding-window attention) or Qwen2 (biases on q/k/v) with Llama-like shapes."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    shapes = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    if arch == "mistral":
+        return MistralForCausalLM, MistralConfig(**shapes, sliding_window=16)
+    return Qwen2ForCausalLM, Qwen2Config(**shapes)
+
+
+@pytest.mark.parametrize("method", ["csulora", "safelora"])
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+def test_mistral_and_qwen2(tmp_path, arch, method):
+    model_cls, config = tiny_causal_lm(arch)
+    torch.manual_seed(0)
+    base_model = model_cls(config).eval()
+    aligned_model = perturbed(base_model, seed=4)
+    if arch == "qwen2":  # the biases the architecture adds; alignment moves them too, the LoRA does not
+        assert aligned_model.model.layers[0].self_attn.q_proj.bias is not None
+        with torch.no_grad():
+            for layer in aligned_model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias += 0.1
+    base = save_model(base_model, tmp_path / "base")
+    aligned = save_model(aligned_model, tmp_path / "aligned", max_shard_size="20KB")
+    adapter = make_adapter(model_cls.from_pretrained(aligned), tmp_path / "lora", seed=7)
+    report, out = check_round_trip(
+        tmp_path, model_cls, base, aligned, adapter, method, MethodParams(lam=2.0, threshold=0.9)
+    )
+    assert len(report["modules"]) == 7 * 2
+    assert not any("bias" in key for key in load_file(str(out / "adapter_model.safetensors")))
