@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..io_utils import atomic_file
+
 METHOD_ORDER = ("csulora", "csulora-dir", "scale", "random", "project", "safelora")
 KNOBS = {"csulora": "lam", "csulora-dir": "lam", "random": "lam", "scale": "match_lam", "safelora": "threshold"}
 CONTROLS = ("scale", "random")
@@ -131,7 +133,8 @@ def plot_frontier(models: dict, results: list[dict], path: str | Path) -> list[s
     ax.legend(loc="best", fontsize=8)
     labels = ax.get_legend_handles_labels()[1]
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_file(path, force=True) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
     return labels
 
@@ -202,7 +205,5 @@ def format_report(document: dict) -> str:
 
 
 def write_report(document: dict, path: str | Path) -> None:
-    from ..io_utils import atomic_file
-
     with atomic_file(path, force=True) as tmp:
         tmp.write_text(format_report(document))
