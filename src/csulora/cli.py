@@ -185,7 +185,12 @@ def cmd_inspect(args) -> int:
             device=args.device,
         )
         if args.plot:
-            plot_decomposition(rows, args.plot, force=args.force)
+            pair = (
+                f"subspace {args.subspace}"
+                if args.subspace
+                else f"base {args.base}, aligned {args.aligned or 'from adapter'}"
+            )
+            plot_decomposition(rows, args.plot, title=f"adapter {args.adapter}  |  {pair}", force=args.force)
     if args.json:
         print(strict_json(rows))
     else:
@@ -228,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="per-module decomposition of an adapter (writes nothing but --plot)")
     p.add_argument("adapter", help="PEFT LoRA adapter directory (or Hub id)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--plot", type=Path, help="write a PNG of rho_f / rho_h / rho_o by layer")
+    p.add_argument("--plot", type=Path, help="write a PNG heatmap of rho_f / rho_h / rho_o, layer x module type")
     p.add_argument("--force", action="store_true", help="overwrite an existing --plot file")
     _add_source_options(p)
     _add_subspace_options(p)
