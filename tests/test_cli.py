@@ -23,6 +23,7 @@ def leftovers(directory):
     return sorted(p.name for p in directory.iterdir() if p.name.startswith("."))
 
 
+@pytest.mark.slow
 def test_subspace_correct_inspect_end_to_end(tmp_path, llama_pair, llama_adapter, capsys):
     base, aligned = llama_pair
     sub = tmp_path / "sub.safetensors"
@@ -100,6 +101,7 @@ def test_subspace_correct_inspect_end_to_end(tmp_path, llama_pair, llama_adapter
     assert run("inspect", llama_adapter, "--subspace", sub, "--plot", plot, "-q") == 2  # exists, no --force
 
 
+@pytest.mark.slow
 def test_console_script_runs_as_a_process(tmp_path, llama_pair, llama_adapter):
     base, aligned = llama_pair
     out = tmp_path / "out"

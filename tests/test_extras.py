@@ -49,6 +49,7 @@ for argv in (
 """
 
 
+@pytest.mark.slow
 def test_core_commands_run_without_the_extras(tmp_path):
     """What CI's core-install step checks, here with the optional packages blocked at import."""
     subprocess.run([sys.executable, str(ROOT / ".ci" / "core_fixture.py"), str(tmp_path)], check=True)

@@ -359,6 +359,7 @@ def tiny_causal_lm(arch: str):
     return Qwen2ForCausalLM, Qwen2Config(**shapes)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["csulora", "safelora"])
 @pytest.mark.parametrize("arch", ["mistral", "qwen2"])
 def test_mistral_and_qwen2(tmp_path, arch, method):

@@ -262,5 +262,5 @@ def tensor_digest(tensor: torch.Tensor) -> bytes:
     """sha256 of a tensor's raw bytes (dtype and shape included), for provenance records."""
     digest = hashlib.sha256(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
     if tensor.numel():
-        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
     return digest.digest()

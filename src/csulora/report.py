@@ -116,10 +116,10 @@ def plot_decomposition(rows: list[dict], path: str | Path, *, title: str = "", f
     width = max(8.0, 3 * (0.45 * len(columns) + 0.8) + 1.5)
     fig, axes = plt.subplots(1, 3, figsize=(width, height), sharey=True, layout="constrained")
     annotate = len(labels) * len(columns) <= 120
-    image = None
+    images = []
     for ax, (key, name) in zip(axes, PARTS, strict=True):
         values = np.array([[np.nan if v is None else v for v in line] for line in grid[key]], dtype=float)
-        image = ax.imshow(values, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto", interpolation="nearest")
+        images.append(ax.imshow(values, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto", interpolation="nearest"))
         ax.set_title(name, fontsize=10)
         ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right", fontsize=8)
         ax.set_yticks(range(len(labels)), labels, fontsize=7 if len(labels) > 20 else 8)
@@ -129,7 +129,7 @@ def plot_decomposition(rows: list[dict], path: str | Path, *, title: str = "", f
                     ax.text(
                         j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v < 0.5 else "black"
                     )
-    fig.colorbar(image, ax=list(axes), shrink=0.8, label="share of the module's update energy")
+    fig.colorbar(images[0], ax=list(axes), shrink=0.8, label="share of the module's update energy")
     shares = energy_weighted_shares(rows)
     summary = ", ".join(f"{key} {share:.3f}" for (key, _), share in zip(PARTS, shares, strict=True))
     heading = "LoRA update decomposition by layer and module type"

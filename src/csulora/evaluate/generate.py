@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -29,7 +30,7 @@ def load_model(model: str | Path, adapter: str | Path | None = None, *, merge: b
     path = resolve_local(model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        lm = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
+        lm: Any = AutoModelForCausalLM.from_pretrained(path, dtype="auto")  # becomes a PeftModel below
     except Exception as exc:  # transformers raises many kinds for a directory that is not a model
         raise CsuloraError(f"{model}: cannot load a causal LM ({first_line(exc)})") from None
     from ..api import resolve_device
@@ -85,7 +86,7 @@ def generate(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    outputs = []
+    outputs: list[str] = []
     starts = range(0, len(texts), batch_size)
     for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
         batch = tokenizer(

@@ -60,7 +60,7 @@ def compare(results: list[dict], lora_asr: float, control: str, method: str = "c
         "higher": higher,
         "ties": len(gaps) - lower - higher,
         "mean_asr_gap": mean_gap,
-        "below": bool(gaps) and mean_gap > 0 and lower > higher,
+        "below": mean_gap is not None and mean_gap > 0 and lower > higher,
     }
 
 

@@ -14,6 +14,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -56,7 +57,7 @@ class LabConfig:
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-SIZES = {
+SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(
         shape=ModelShape(hidden=64, layers=2, heads=4, intermediate=128),
         world=WorldSizes(),
@@ -185,7 +186,7 @@ def build_artifacts(config: LabConfig, world: World, cache: Path, *, quiet: bool
 # -- the sweep -----------------------------------------------------------------------------------
 def sweep(config: LabConfig) -> list[tuple[str, dict]]:
     """``(method, MethodParams fields)`` for every correction the lab runs."""
-    runs = []
+    runs: list[tuple[str, dict[str, Any]]] = []
     for lam in config.lams:
         runs.append(("csulora", {"lam": lam}))
         runs.append(("csulora-dir", {"lam": lam}))
@@ -221,8 +222,17 @@ def correct_all(config: LabConfig, art: Artifacts, adapters_dir: Path, *, quiet:
     runs = []
     for method, params in tqdm(sweep(config), desc="correct", disable=quiet, leave=False):
         out = adapters_dir / run_label(method, params)
-        sources = {"base": art.base, "aligned": art.aligned} if method == "safelora" else {"subspace": art.subspace}
-        report = correct_adapter(art.lora, out, method=method, params=MethodParams(**params), force=True, **sources)
+        safelora = method == "safelora"  # Safe LoRA needs the full V, the others the subspace
+        report = correct_adapter(
+            art.lora,
+            out,
+            method=method,
+            params=MethodParams(**params),
+            force=True,
+            subspace=None if safelora else art.subspace,
+            base=art.base if safelora else None,
+            aligned=art.aligned if safelora else None,
+        )
         runs.append({"method": method, "params": report["params"], "adapter": out})
     return runs
 

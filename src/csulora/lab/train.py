@@ -135,7 +135,8 @@ def add_lora(model, rank: int, alpha: float, seed: int):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=LORA_TARGETS)
+    # PEFT annotates lora_alpha as int but only ever divides by it
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=LORA_TARGETS)  # type: ignore[arg-type]
     with warnings.catch_warnings():  # PEFT calls a transformers method deprecated in v5; harmless here
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
         return get_peft_model(model, config)
