@@ -212,20 +212,18 @@ def safelora_candidate(lora: LoraFactors, V: torch.Tensor) -> Corrected:
 def truncate_to_rank(lora: LoraFactors, rank: int) -> tuple[LoraFactors, float]:
     """Best rank-``rank`` approximation of ``s B A`` and its relative Frobenius truncation error.
 
-    QR of both factors and an SVD of the small core; singular values are split evenly (square roots)
-    between B and A.
+    From ``thin_svd`` (QR of both factors, SVD of the small core); singular values are split evenly
+    (square roots) between B and A.
     """
     if lora.rank <= rank:
         return lora, 0.0
-    Q_b, R_b = torch.linalg.qr(lora.B)
-    Q_a, R_a = torch.linalg.qr(lora.A.T)
-    U_c, sigma, Vh_c = torch.linalg.svd(R_b @ R_a.T)
+    u, sigma, v = thin_svd(lora)
     total = float(torch.sum(sigma**2))
     dropped = float(torch.sum(sigma[rank:] ** 2))
     error = math.sqrt(dropped / total) if total > 0 else 0.0
     root = torch.sqrt(sigma[:rank])
-    B_new = (Q_b @ U_c[:, :rank]) * root
-    A_new = root[:, None] * (Vh_c[:rank] @ Q_a.T)
+    B_new = u[:, :rank] * root
+    A_new = (root[:, None] * v[:, :rank].T).contiguous()
     return LoraFactors(B_new, A_new, lora.scale), error
 
 
