@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .checkpoint import Checkpoint, tensor_digest
 from .errors import CsuloraError
-from .subspace import Subspace, load_subspace
+from .subspace import Subspace, _FileBases, load_subspace
 
 SHARD_KEY = "shard"
 
@@ -104,7 +104,9 @@ def merge_shards(paths: list[str | Path]) -> Subspace:
                     f"{path}: {side} checkpoint {shard.metadata[side]['source']} differs from "
                     f"{first_path}'s {first.metadata[side]['source']}"
                 )
-        for module, meta in shard.bases.meta.items():
+        # per-module metadata straight from the file's header, without reading the tensors
+        modules_meta = shard.bases.meta if isinstance(shard.bases, _FileBases) else shard.module_metadata()
+        for module, meta in modules_meta.items():
             if "sha256" not in meta:
                 raise CsuloraError(f"{path}: module {module} has no weight digests (written by an older csulora)")
             if module not in reference["modules"]:
@@ -124,7 +126,7 @@ def merge_shards(paths: list[str | Path]) -> Subspace:
     for side in ("base", "aligned"):
         chain = hashlib.sha256()
         for basis in bases.values():
-            chain.update(bytes.fromhex(basis.sha256[side]))
+            chain.update(bytes.fromhex((basis.sha256 or {})[side]))  # every module's digests checked above
         metadata[side] = {"source": first.metadata[side]["source"], "sha256": chain.hexdigest()}
     return Subspace(bases, metadata)
 
