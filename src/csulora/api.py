@@ -185,7 +185,8 @@ class _StreamedBases(Mapping):
             raise KeyError(f"{name}: streamed bases are read once, in order")
         _, V, digest_b, digest_a, negligible = next(self.deltas)
         if negligible:  # no direction to protect: do not invent one from rounding noise
-            basis = empty_basis(*V.shape, float(torch.linalg.vector_norm(V)) ** 2)
+            m, n = V.shape
+            basis = empty_basis(m, n, float(torch.linalg.vector_norm(V)) ** 2)
         else:
             basis = module_basis(V.to(self.device), self.settings)
         del V
