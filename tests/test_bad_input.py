@@ -506,3 +506,34 @@ g.generate = slow_generate
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and err.strip() == "csulora: interrupted", err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_negligible_displacement_is_relative_to_the_weight(tmp_path):
+    """Rounding noise (1e-8 of the weight) counts as V = 0; a small real displacement does not."""
+    from csulora.api import _read_delta
+    from csulora.checkpoint import Checkpoint
+
+    generator = torch.Generator().manual_seed(0)
+    W = torch.randn(64, 32, generator=generator, dtype=torch.float64) * 0.02
+    cases = {"same": W, "noise": W * (1 + 1e-8), "small": W + 1e-5 * torch.randn(64, 32, generator=generator)}
+    expected = {"same": True, "noise": True, "small": False}
+    save_file({"m.weight": W.float()}, str((tmp_path / "base").mkdir() or tmp_path / "base" / "model.safetensors"))
+    base = Checkpoint(tmp_path / "base")
+    for name, aligned_weight in cases.items():
+        directory = tmp_path / name
+        directory.mkdir()
+        save_file({"m.weight": aligned_weight.double()}, str(directory / "model.safetensors"))
+        assert _read_delta(base, Checkpoint(directory), "m").negligible is expected[name], name
+
+
+def test_plot_force_replaces_only_a_png(tmp_path, llama_adapter, subspace_file, capsys):
+    pytest.importorskip("matplotlib")
+    plot = tmp_path / "figure.png"
+    plot.write_text("my notes, not a picture")
+    assert run("inspect", llama_adapter, "--subspace", subspace_file, "--plot", plot, "--force", "-q") == 2
+    assert "not written by csulora" in one_error_line(capsys)
+    assert plot.read_text() == "my notes, not a picture"
+    plot.unlink()
+    assert run("inspect", llama_adapter, "--subspace", subspace_file, "--plot", plot, "-q") == 0
+    assert run("inspect", llama_adapter, "--subspace", subspace_file, "--plot", plot, "--force", "-q") == 0
+    assert plot.read_bytes().startswith(b"\x89PNG")
