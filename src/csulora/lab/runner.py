@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..errors import CsuloraError
 from ..io_utils import atomic_dir, atomic_file
+from .machine import environment, peak_rss_mb
 from .train import ModelShape, Schedule
 from .world import World, WorldSizes, build_world, format_prompt
 
@@ -325,6 +326,7 @@ def _run_lab(out, size, seed, *, quiet, config) -> dict:
         raise CsuloraError(f"{out}: exists and is not a directory")
     torch.manual_seed(seed)
     start = time.perf_counter()
+    machine = environment(torch.get_num_threads())  # the load before the lab adds its own
     world = build_world(seed, config.world)
     cache = out / "cache" / f"{size}-seed{seed}-{config.key()}"
     art = build_artifacts(config, world, cache, quiet=quiet)
@@ -346,10 +348,12 @@ def _run_lab(out, size, seed, *, quiet, config) -> dict:
             "adapters": str(out / "adapters"),
         },
         "seconds": {"train": round(trained - start, 1), "total": None},
+        "machine": machine,
     }
     methods = plot_frontier(models, results, out / "frontier.png")
     document["plotted_methods"] = methods
     document["seconds"]["total"] = round(time.perf_counter() - start, 1)
+    document["machine"]["peak_rss_mb"] = peak_rss_mb()
     with atomic_file(out / "results.json", force=True) as tmp:
         tmp.write_text(json.dumps(document, indent=2) + "\n")
     write_report(document, out / "report.md")
