@@ -27,7 +27,7 @@ from .train import ModelShape, Schedule
 from .world import World, WorldSizes, build_world, format_prompt
 
 # Bump when the world or the training code changes in a way that changes the artifacts.
-LAB_VERSION = 2
+LAB_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ SIZES: dict[str, dict[str, Any]] = {
         shape=ModelShape(hidden=96, layers=2, heads=4, intermediate=192),
         world=WorldSizes(pretrain_per_family=400, pretrain_harmful=800, eval_per_family=16, eval_code=96),
         base=Schedule(steps=1800, batch_size=32, lr=3e-3),
-        align=Schedule(steps=400, batch_size=32, lr=1e-3),
+        align=Schedule(steps=700, batch_size=32, lr=1e-3),  # 400 left some held-out wordings half-refused
         attack=Schedule(steps=800, batch_size=32, lr=3e-3),
         shard_size="400KB",
         lams=(0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 20.0, 100.0),
