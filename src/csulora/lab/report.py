@@ -111,7 +111,7 @@ def verdict(models: dict, results: list[dict], n_harmful: int | None = None) -> 
     return {
         "answer": answer,
         "attack": attack,
-        "alignment": alignment_check(models),
+        "alignment": alignment_check(models) if "base" in models else None,
         "comparisons": comparisons,
         "sentence": _sentence(answer, comparisons),
     }
