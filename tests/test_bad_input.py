@@ -487,6 +487,7 @@ def test_unreadable_safetensors_says_so(tmp_path, llama_adapter, subspace_file, 
     nothing_written(tmp_path, "out")
 
 
+@pytest.mark.slow
 def test_eval_interrupted_exits_130_and_writes_nothing(tmp_path, tiny_chat_model):
     from test_output_safety import csulora_process
 

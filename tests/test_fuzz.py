@@ -89,6 +89,7 @@ def corrupt_config(text: str, rng: random.Random) -> str:
     return json.dumps(config)
 
 
+@pytest.mark.slow
 def test_fuzzed_inputs_never_crash_and_never_leave_a_bad_output(tmp_path, small_pair, capsys):
     adapter, sub = small_pair
     rng = random.Random(SEED)

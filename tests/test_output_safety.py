@@ -246,6 +246,7 @@ def csulora_process(*argv, patch: str = "") -> subprocess.Popen:
     )
 
 
+@pytest.mark.slow
 def test_two_concurrent_writers_exactly_one_wins(tmp_path, llama_pair, llama_adapter, subspace_file):
     base, aligned = llama_pair
     for argv, check in (
@@ -284,6 +285,7 @@ csulora.adapter.save_file = slow_save
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 @pytest.mark.parametrize("command", ["correct", "subspace"])
 def test_a_signal_mid_write_exits_130_and_leaves_nothing(
@@ -304,6 +306,7 @@ def test_a_signal_mid_write_exits_130_and_leaves_nothing(
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
 
 
+@pytest.mark.slow
 def test_after_sigkill_the_next_run_cleans_up(tmp_path, llama_adapter, subspace_file):
     out = tmp_path / "fixed"
     proc = csulora_process("correct", llama_adapter, "-o", out, "--subspace", subspace_file, "-q", patch=SLOW_WRITE)
