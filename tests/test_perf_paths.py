@@ -108,10 +108,13 @@ def test_small_corrections_run_on_one_thread_large_ones_on_all(monkeypatch, llam
 
     from csulora import correct_adapter
     from csulora.methods import METHODS
-    from csulora.threads import PARALLEL_MIN_FLOPS, correction_flops, threads_for
+    from csulora.threads import PARALLEL_MIN_FLOPS, correction_flops, threads_for, torch_threads
 
+    outside = torch.get_num_threads()
     assert threads_for(PARALLEL_MIN_FLOPS / 2) == 1
-    assert threads_for(PARALLEL_MIN_FLOPS) == torch.get_num_threads()
+    assert threads_for(PARALLEL_MIN_FLOPS) == outside
+    with torch_threads(1):  # big work inside a one-thread block still gets every thread
+        assert threads_for(PARALLEL_MIN_FLOPS) == outside
     assert correction_flops(4096, 4096, 16, 32, False) < PARALLEL_MIN_FLOPS  # 7B attention, csulora
     assert correction_flops(11008, 4096, 16, 32, True) > PARALLEL_MIN_FLOPS  # 7B mlp, Safe LoRA's V
 

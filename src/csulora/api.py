@@ -26,8 +26,8 @@ from .errors import CsuloraError, CsuloraWarning
 from .io_utils import atomic_dir, real_path, reserve_output, strict_json
 from .memory import release_freed_memory
 from .methods import MethodParams, ModuleInputs, get_method, method_needs_basis
-from .subspace import ModuleBasis, Subspace, SubspaceSettings, load_subspace, module_basis
-from .threads import correction_flops, threads_for, torch_threads
+from .subspace import ADAPTIVE_START_RANK, ModuleBasis, Subspace, SubspaceSettings, load_subspace, module_basis
+from .threads import correction_flops, sketch_flops, threads_for, torch_threads
 
 REPORT_NAME = "csulora_report.json"
 
@@ -194,7 +194,9 @@ class _StreamedBases(Mapping):
             m, n = V.shape
             basis = empty_basis(m, n, float(torch.linalg.vector_norm(V)) ** 2)
         else:
-            basis = module_basis(V.to(self.device), self.settings)
+            width = (self.settings.rank or ADAPTIVE_START_RANK) + self.settings.oversample
+            with torch_threads(threads_for(sketch_flops(*V.shape, width, self.settings.power_iters))):
+                basis = module_basis(V.to(self.device), self.settings)
         del V
         release_freed_memory()
         basis = replace(
@@ -333,6 +335,7 @@ def is_corrected_adapter(path: Path) -> bool:
     )
 
 
+@torch_threads(1)  # k-wide and r x r products; bigger work asks for more threads (threads_for)
 def correct_adapter(
     adapter: str | Path | Adapter,
     out: str | Path,
@@ -378,17 +381,14 @@ def correct_adapter(
             )
             for module in adapter.modules
         }
-        with torch_threads(1):  # r x r products
-            energy_before = sum(_energy(adapter.factors(m)) for m in adapter.modules)
-            energy_after = sum(_energy(corrected[m]) for m in adapter.modules)
         report = {
             "method": method,
             "params": {key: params.as_dict()[key] for key in spec.relevant_params},
             "csulora_version": __version__,
             "adapter": str(adapter.path),
             "subspace": sources["subspace"],
-            "energy_before": energy_before,
-            "energy_after": energy_after,
+            "energy_before": sum(_energy(adapter.factors(m)) for m in adapter.modules),
+            "energy_after": sum(_energy(corrected[m]) for m in adapter.modules),
             "unchanged_modules": [sources["names"][module] for module in adapter.modules if module in unchanged],
             "modules": modules_report,
         }
@@ -595,6 +595,7 @@ def _run_method(adapter, method, params, subspace, base_ckpt, aligned_ckpt, alig
 
 
 # -- inspecting ----------------------------------------------------------------------------------
+@torch_threads(1)
 def inspect_adapter(
     adapter: str | Path | Adapter,
     *,
