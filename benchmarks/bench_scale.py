@@ -33,6 +33,18 @@ TIME = "/usr/bin/time"  # GNU time (apt-get install time)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 SHAPES = {
+    "tiny": dict(  # for trying the scripts, not for timing
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        vocab_size=1000,
+        tie_word_embeddings=False,
+        rope_theta=10000.0,
+        max_position_embeddings=512,
+    ),
     "llama3.2-1b": dict(
         hidden_size=2048,
         intermediate_size=8192,
@@ -87,19 +99,39 @@ def tensor_shapes(cfg: dict) -> list[tuple[str, tuple[int, ...], bool]]:
 
 def displacement(shape, generator, rms: float, low_rank: int = 64, noise_share: float = 0.1) -> torch.Tensor:
     """Alignment displacement: low-rank part with a decaying spectrum (1 - noise_share of the energy) + noise."""
+    sigma = torch.exp(-torch.arange(min(low_rank, *shape), dtype=torch.float32) / 12.0)
+    return shaped_displacement(shape, generator, rms, sigma, noise_share)
+
+
+def law_displacement(shape, generator, rms: float, alpha: float, head: int = 256) -> torch.Tensor:
+    """Displacement whose spectrum follows ``sigma_i ~ i ** -alpha`` (a law fitted on a real pair).
+
+    The top ``head`` values are exact (orthonormal factors); the rest of the law's energy over
+    ``min(m, n)`` values is Gaussian noise, whose spectrum is flat enough to stand for that tail.
+    """
+    rank = min(head, *shape)
+    law = torch.arange(1, min(shape) + 1, dtype=torch.float64) ** -alpha
+    noise_share = float(torch.sum(law[rank:] ** 2) / torch.sum(law**2))
+    return shaped_displacement(shape, generator, rms, law[:rank].float(), noise_share)
+
+
+def shaped_displacement(shape, generator, rms: float, sigma: torch.Tensor, noise_share: float) -> torch.Tensor:
+    """``L diag(sigma) R^T`` (holding 1 - noise_share of ``rms^2 m n``) plus Gaussian noise (the rest)."""
     m, n = shape
-    r = min(low_rank, m, n)
+    r = len(sigma)
     left = torch.linalg.qr(torch.randn(m, r, generator=generator))[0]
     right = torch.linalg.qr(torch.randn(n, r, generator=generator))[0]
-    sigma = torch.exp(-torch.arange(r, dtype=torch.float32) / 12.0)
     total = rms**2 * m * n
-    sigma *= math.sqrt((1 - noise_share) * total / float(torch.sum(sigma**2)))
+    sigma = sigma * math.sqrt((1 - noise_share) * total / float(torch.sum(sigma**2)))
     V = (left * sigma) @ right.T
     V += torch.randn(m, n, generator=generator) * math.sqrt(noise_share * total / (m * n))
     return V
 
 
-def write_pair(workdir: Path, cfg: dict, shard_bytes: int, seed: int = 0) -> tuple[Path, Path]:
+def write_pair(
+    workdir: Path, cfg: dict, shard_bytes: int, seed: int = 0, laws: dict | None = None
+) -> tuple[Path, Path]:
+    """``laws``: module type -> alpha of ``sigma_i ~ i ** -alpha`` (``--spectra``), else ``displacement``."""
     from safetensors.torch import save_file
 
     base_dir, aligned_dir = workdir / "base", workdir / "aligned"
@@ -115,7 +147,12 @@ def write_pair(workdir: Path, cfg: dict, shard_bytes: int, seed: int = 0) -> tup
             W_a = W_b + 0.01 * torch.randn(shape, generator=gen)
         else:
             W_b = torch.randn(shape, generator=gen) * 0.02
-            W_a = W_b + (displacement(shape, gen, rms=0.004) if target else 0.0005 * torch.randn(shape, generator=gen))
+            if not target:
+                W_a = W_b + 0.0005 * torch.randn(shape, generator=gen)
+            elif laws:
+                W_a = W_b + law_displacement(shape, gen, rms=0.004, alpha=laws[name.split(".")[-2]])
+            else:
+                W_a = W_b + displacement(shape, gen, rms=0.004)
         nbytes = W_b.numel() * 2
         if sizes[-1] and sizes[-1] + nbytes > shard_bytes:
             _flush(shards, sizes, base_dir, aligned_dir, save_file)
@@ -264,6 +301,22 @@ def naive_worker(args) -> None:
     print(json.dumps({"load": load, "modules": timings}))
 
 
+# -- the read floor (run as a subprocess of this script) -------------------------------------------
+def read_worker(args) -> None:
+    """Stream both checkpoints' target weights tensor by tensor, as ``subspace`` reads them, and nothing else."""
+    from csulora.checkpoint import Checkpoint
+
+    base, aligned = Checkpoint(args.base), Checkpoint(args.aligned)
+    nbytes = 0
+    t = time.perf_counter()
+    for module in aligned.linear_modules(args.modules.split(",")):
+        for ckpt in (base, aligned):
+            W = ckpt.read(ckpt.weight_key(module))
+            nbytes += W.numel() * W.element_size()
+            del W
+    print(json.dumps({"bytes": nbytes, "seconds": time.perf_counter() - t}))
+
+
 # -- accuracy of the randomized SVD -----------------------------------------------------------------
 def accuracy(base_dir: Path, aligned_dir: Path, exact_file: Path, modules: list[str], settings_grid):
     from safetensors import safe_open
@@ -349,7 +402,9 @@ def main() -> None:
     parser.add_argument("--skip-naive", action="store_true", help="no naive run (and no accuracy check)")
     parser.add_argument("--warm", action="store_true", help="do not evict the checkpoints from the page cache")
     parser.add_argument("--cleanup", action="store_true", help="delete the generated checkpoints at the end")
+    parser.add_argument("--spectra", type=Path, help="fitted laws from real_spectra.py (default: decay + noise)")
     parser.add_argument("--naive-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--read-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--base", help=argparse.SUPPRESS)
     parser.add_argument("--aligned", help=argparse.SUPPRESS)
     parser.add_argument("--modules", help=argparse.SUPPRESS)
@@ -359,16 +414,22 @@ def main() -> None:
     if args.naive_worker:
         naive_worker(args)
         return
+    if args.read_worker:
+        read_worker(args)
+        return
 
     cfg = dict(SHAPES[args.shape])
     if args.layers:
         cfg["num_hidden_layers"] = args.layers
-    work = args.workdir / (args.shape + (f"-L{args.layers}" if args.layers else ""))
+    laws = None
+    if args.spectra:
+        laws = {kind: row["alpha"] for kind, row in json.loads(args.spectra.read_text())["types"].items()}
+    work = args.workdir / (args.shape + (f"-L{args.layers}" if args.layers else "") + ("-law" if laws else ""))
     work.mkdir(parents=True, exist_ok=True)
     base_dir, aligned_dir, adapter_dir = work / "base", work / "aligned", work / "adapter"
     t = time.perf_counter()
     if not (args.reuse and (aligned_dir / "model.safetensors.index.json").is_file()):
-        write_pair(work, cfg, int(args.shard_gb * 2**30))
+        write_pair(work, cfg, int(args.shard_gb * 2**30), laws=laws)
     if not (args.reuse and (adapter_dir / "adapter_config.json").is_file()):
         write_adapter(work, cfg, aligned_dir)
     gen_time = time.perf_counter() - t
@@ -402,6 +463,11 @@ def main() -> None:
         [sys.executable, "-c", "import csulora.cli, csulora.api"],
         "-",
     )
+    read_cmd = [sys.executable, __file__, "--read-worker", "--base", str(base_dir), "--aligned", str(aligned_dir),
+                "--modules", ",".join(TARGETS)]  # fmt: skip
+    floor = run("read floor: stream both checkpoints' target weights, no compute", read_cmd, "all layers")
+    warm_floor = measure(read_cmd)  # right after the cold run: the page cache holds what fits
+    rows.append({"step": "read floor, warm page cache", "scope": "all layers", **warm_floor, "note": ""})
     sub_full = work / "subspace.safetensors"
     sub_sample = work / "subspace-sample.safetensors"
     full = run(
@@ -515,7 +581,13 @@ def main() -> None:
             f"| {row['step']} | {row['scope']} | {row['wall']:.2f} | {row['cpu']:.2f} | {row['rss_mb']:.0f} | "
             f"{extra:.0f} | {extra / pair_mb:.1f} |"
         )
+    read = json.loads(floor["stdout"].strip().splitlines()[-1])
     out += [
+        "",
+        f"Read floor: {read['bytes'] / 1e9:.2f} GB of target weights read in {read['seconds']:.1f} s in-process "
+        f"({read['bytes'] / 1e9 / read['seconds']:.2f} GB/s); `subspace` / read floor (whole processes, "
+        + ("warm" if args.warm else "cold")
+        + f" cache): **{full['wall'] / floor['wall']:.2f}** wall, {full['cpu'] / max(floor['cpu'], 1e-9):.2f} CPU.",
         "",
         f"Largest module pair (base + aligned, bf16): {pair_mb:.0f} MB. Subspace file: "
         f"{sub_full.stat().st_size / 2**20:.0f} MB ({_k_summary(sub_full)}).",
