@@ -190,12 +190,12 @@ class _StreamedBases(Mapping):
         if self.position >= len(self.names) or self.names[self.position] != name:
             raise KeyError(f"{name}: streamed bases are read once, in order")
         _, V, digest_b, digest_a, negligible = next(self.deltas)
+        m, n = V.shape
         if negligible:  # no direction to protect: do not invent one from rounding noise
-            m, n = V.shape
             basis = empty_basis(m, n, float(torch.linalg.vector_norm(V)) ** 2)
         else:
             width = (self.settings.rank or ADAPTIVE_START_RANK) + self.settings.oversample
-            with torch_threads(threads_for(sketch_flops(*V.shape, width, self.settings.power_iters))):
+            with torch_threads(threads_for(sketch_flops(m, n, width, self.settings.power_iters))):
                 basis = module_basis(V.to(self.device), self.settings)
         del V
         release_freed_memory()
