@@ -11,19 +11,23 @@ import torch
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+# The tiny Llama's shapes; the Mistral and Qwen2 fixtures reuse them.
+TINY_LLAMA_SHAPES = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
+)
+
+
 def tiny_llama_config():
     from transformers import LlamaConfig
 
-    return LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
+    return LlamaConfig(**TINY_LLAMA_SHAPES)
 
 
 def perturbed(model, seed: int, scale: float = 0.05, low_rank: int | None = 3):
@@ -94,3 +98,15 @@ def llama_adapter(llama_pair, tmp_path_factory):
     config["base_model_name_or_path"] = str(aligned)
     (path / "adapter_config.json").write_text(json.dumps(config))
     return path
+
+
+@pytest.fixture(scope="session")
+def subspace_file(llama_pair, llama_adapter, tmp_path_factory):
+    """The subspace of the tiny Llama pair for ``llama_adapter``'s modules, written by ``csulora subspace``."""
+    from csulora.cli import main
+
+    base, aligned = llama_pair
+    sub = tmp_path_factory.mktemp("sub") / "sub.safetensors"
+    argv = ["subspace", "--base", base, "--aligned", aligned, "--adapter", llama_adapter, "-o", sub, "-q"]
+    assert main([str(a) for a in argv]) == 0
+    return sub

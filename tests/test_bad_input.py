@@ -46,14 +46,6 @@ def copy(src: Path, dst: Path) -> Path:
     return Path(shutil.copytree(src, dst))
 
 
-@pytest.fixture(scope="module")
-def subspace_file(llama_pair, llama_adapter, tmp_path_factory):
-    base, aligned = llama_pair
-    sub = tmp_path_factory.mktemp("sub") / "sub.safetensors"
-    assert run("subspace", "--base", base, "--aligned", aligned, "--adapter", llama_adapter, "-o", sub, "-q") == 0
-    return sub
-
-
 def edited_subspace(sub: Path, dst: Path, tensors=None, document=None) -> Path:
     with safe_open(str(sub), framework="pt") as f:
         meta = json.loads(f.metadata()["csulora"])

@@ -40,14 +40,6 @@ def one_error_line(capsys) -> str:
     return err
 
 
-@pytest.fixture(scope="module")
-def subspace_file(llama_pair, llama_adapter, tmp_path_factory):
-    base, aligned = llama_pair
-    sub = tmp_path_factory.mktemp("sub") / "sub.safetensors"
-    assert run("subspace", "--base", base, "--aligned", aligned, "--adapter", llama_adapter, "-o", sub, "-q") == 0
-    return sub
-
-
 # -- --force replaces only what csulora wrote ----------------------------------------------------
 def test_force_refuses_a_directory_csulora_did_not_write(tmp_path, llama_adapter, subspace_file, capsys):
     out = tmp_path / "mine"

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import LLAMA_TARGETS, make_adapter, perturbed, save_model
+from conftest import LLAMA_TARGETS, TINY_LLAMA_SHAPES, make_adapter, perturbed, save_model
 from dense_reference import csulora_dense, csulora_dir_dense, parts, safelora_dense
 from safetensors.torch import load_file
 
@@ -344,19 +344,9 @@ def tiny_causal_lm(arch: str):
     """A tiny Mistral (sliding-window attention) or Qwen2 (biases on q/k/v) with Llama-like shapes."""
     from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    shapes = dict(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
     if arch == "mistral":
-        return MistralForCausalLM, MistralConfig(**shapes, sliding_window=16)
-    return Qwen2ForCausalLM, Qwen2Config(**shapes)
+        return MistralForCausalLM, MistralConfig(**TINY_LLAMA_SHAPES, sliding_window=16)
+    return Qwen2ForCausalLM, Qwen2Config(**TINY_LLAMA_SHAPES)
 
 
 @pytest.mark.slow
