@@ -13,7 +13,7 @@ from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -21,11 +21,11 @@ from tqdm.auto import tqdm
 from . import __version__
 from .adapter import CONFIG_NAME, Adapter, load_adapter, write_adapter
 from .checkpoint import Checkpoint, match_module, tensor_digest
-from .correct import Corrected, LoraFactors, decompose, frobenius_sq, truncate_to_rank
+from .correct import Corrected, LoraFactors, decompose, frobenius_sq
 from .errors import CsuloraError, CsuloraWarning
 from .io_utils import atomic_dir, real_path, reserve_output, strict_json
 from .memory import release_freed_memory
-from .methods import MethodParams, ModuleInputs, get_method, method_needs_basis
+from .methods import DEFAULT_METHOD, Method, MethodParams, ModuleInputs, Needs, Settings, get_method
 from .subspace import ADAPTIVE_START_RANK, ModuleBasis, Subspace, SubspaceSettings, load_subspace, module_basis
 from .threads import correction_flops, sketch_flops, threads_for, torch_threads
 
@@ -340,8 +340,8 @@ def correct_adapter(
     adapter: str | Path | Adapter,
     out: str | Path,
     *,
-    method: str = "csulora",
-    params: MethodParams | None = None,
+    method: str = DEFAULT_METHOD,
+    params: MethodParams | Mapping[str, Any] | Settings | None = None,
     subspace: str | Path | Subspace | None = None,
     base: str | Path | None = None,
     aligned: str | Path | None = None,
@@ -357,23 +357,36 @@ def correct_adapter(
     ``base`` and ``aligned`` (default: the adapter's ``base_model_name_or_path``). The output is
     checked (writable, not an input, replaceable) before any work is done.
     """
-    params = params or MethodParams()
     spec = get_method(method)
+    method_settings = spec.settings_from(params)
+    needs = spec.needs_for(method_settings)
     adapter = adapter if isinstance(adapter, Adapter) else load_adapter(adapter, allow_pickle=allow_pickle)
     required = (
-        f"--method {method} needs the full alignment matrix: pass --base (and --aligned)" if spec.needs_delta else None
+        f"--method {method} needs the full alignment matrix: pass --base (and --aligned)"
+        if needs is Needs.DELTA
+        else None
     )
     base_ckpt, aligned_ckpt = _open_pair(adapter, base, aligned, allow_pickle, required)
     subspace_path = subspace if isinstance(subspace, str | Path) else getattr(subspace, "path", None)
     inputs = [adapter.path, subspace_path] + [c.path for c in (base_ckpt, aligned_ckpt) if c is not None]
     with reserve_output(out, force=force, owned=is_corrected_adapter, inputs=inputs, kind="dir"):
         results, sources = _run_method(
-            adapter, method, params, subspace, base_ckpt, aligned_ckpt, aligned, settings, progress, device
+            adapter,
+            spec,
+            method_settings,
+            needs,
+            subspace,
+            base_ckpt,
+            aligned_ckpt,
+            aligned,
+            settings,
+            progress,
+            device,
         )
         unchanged = {module: result for module, result in results.items() if result.info.get("unchanged")}
         if spec.finalize is not None:
             rest = {module: result for module, result in results.items() if module not in unchanged}
-            results = spec.finalize(adapter.factors, rest, params) | unchanged
+            results = spec.finalize(adapter.factors, rest, method_settings) | unchanged
         corrected = {module: results[module].lora for module in adapter.modules}
         modules_report = {
             sources["names"][module]: _module_report(
@@ -383,7 +396,7 @@ def correct_adapter(
         }
         report = {
             "method": method,
-            "params": {key: params.as_dict()[key] for key in spec.relevant_params},
+            "params": method_settings.as_dict(),
             "csulora_version": __version__,
             "adapter": str(adapter.path),
             "subspace": sources["subspace"],
@@ -546,32 +559,43 @@ def _unchanged(lora: LoraFactors) -> Corrected:
     return Corrected(LoraFactors(lora.B.float(), lora.A.float(), lora.scale), info)
 
 
-def _run_method(adapter, method, params, subspace, base_ckpt, aligned_ckpt, aligned, settings, progress, device):
+def _run_method(
+    adapter,
+    spec: Method,
+    method_settings: Settings,
+    needs: Needs,
+    subspace,
+    base_ckpt,
+    aligned_ckpt,
+    aligned,
+    settings,
+    progress,
+    device,
+):
     """Apply ``method`` module by module; returns the per-module results and where inputs came from."""
-    spec = get_method(method)
-    needs_basis = method_needs_basis(method, params)
-    sources = {"names": {}, "k": {}, "subspace": None}
+    needs_basis = needs is Needs.BASIS
+    sources: dict[str, Any] = {"names": {}, "k": {}, "subspace": None}
     if needs_basis:
         subspace = _adapter_subspace(adapter, subspace, base_ckpt, aligned_ckpt, aligned, settings, progress, device)
         sources["subspace"] = subspace.metadata
     deltas = None
-    if spec.needs_delta:
+    if needs is Needs.DELTA:
         names = subspace_modules(aligned_ckpt, modules=adapter.modules, targets=None, adapter=None)
         deltas = iter_deltas(base_ckpt, aligned_ckpt, names)
 
     results, unaligned = {}, []
-    for module in tqdm(adapter.modules, desc=method, disable=not progress):
+    for module in tqdm(adapter.modules, desc=spec.name, disable=not progress):
         lora = adapter.factors(module)
         m, n = lora.B.shape[0], lora.A.shape[1]
-        inputs = ModuleInputs(module)
         name, zero = None, False
+        U = R = V = None
         if needs_basis:
-            name, inputs.U, inputs.R = _oriented_basis(subspace, adapter, module, m, n)
-            sources["k"][module] = inputs.U.shape[1]
-            zero = inputs.U.shape[1] == 0
+            name, U, R = _oriented_basis(subspace, adapter, module, m, n)
+            sources["k"][module] = U.shape[1]
+            zero = U.shape[1] == 0
         if deltas is not None:
             delta = next(deltas)
-            name, inputs.V = delta.module, _oriented_delta(delta.V, adapter, module, m, n)
+            name, V = delta.module, _oriented_delta(delta.V, adapter, module, m, n)
             zero = zero or delta.negligible
         if name is None:
             name = aligned_ckpt.weight_key(module)[: -len(".weight")] if aligned_ckpt else module
@@ -580,13 +604,10 @@ def _run_method(adapter, method, params, subspace, base_ckpt, aligned_ckpt, alig
             unaligned.append(name)
             results[module] = _unchanged(lora)
             continue
-        k = inputs.U.shape[1] if inputs.U is not None else 0
-        with torch_threads(threads_for(correction_flops(m, n, lora.rank, k, inputs.V is not None))):
-            result = spec.correct(lora, inputs, params)
+        k = U.shape[1] if U is not None else 0
+        with torch_threads(threads_for(correction_flops(m, n, lora.rank, k, V is not None))):
+            result = spec.correct(lora, ModuleInputs(module, U, R, V), method_settings)
             new, info = result.lora, result.info
-            if params.rank_mode == "keep" and new.rank > lora.rank:
-                new, error = truncate_to_rank(new, lora.rank)
-                info = info | {"truncation_error": error}
         # float32 is ample for storage (adapters are saved in fp32 or lower) and halves peak memory
         results[module] = Corrected(LoraFactors(new.B.float(), new.A.float(), new.scale), info)
     where = _subspace_file(subspace) if needs_basis and subspace is not None and base_ckpt is None else None

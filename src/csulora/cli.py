@@ -21,15 +21,19 @@ def _csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def _add_subspace_options(parser: argparse.ArgumentParser) -> None:
+def _add_subspace_options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """The subspace flags; returns their actions by name (a method setting may share one, e.g. --seed)."""
     group = parser.add_argument_group("subspace (randomized SVD of V = aligned - base)")
-    group.add_argument("--rank", type=int, default=None, help="fixed rank k per module")
-    group.add_argument("--energy", type=float, default=0.8, help="energy fraction TAU for the rank (default 0.8)")
-    group.add_argument("--max-rank", type=int, default=256, help="cap KMAX on the energy-chosen rank (256)")
-    group.add_argument("--oversample", type=int, default=10, help="randomized SVD oversampling (10)")
-    group.add_argument("--power-iters", type=int, default=2, help="randomized SVD power iterations (2)")
-    group.add_argument("--seed", type=int, default=0, help="seed of the sketch and of --method random (0)")
-    group.add_argument("--device", default="auto", help="where the SVDs run: auto (CUDA if present), cpu, cuda:N")
+    actions = [
+        group.add_argument("--rank", type=int, default=None, help="fixed rank k per module"),
+        group.add_argument("--energy", type=float, default=0.8, help="energy fraction TAU for the rank (default 0.8)"),
+        group.add_argument("--max-rank", type=int, default=256, help="cap KMAX on the energy-chosen rank (256)"),
+        group.add_argument("--oversample", type=int, default=10, help="randomized SVD oversampling (10)"),
+        group.add_argument("--power-iters", type=int, default=2, help="randomized SVD power iterations (2)"),
+        group.add_argument("--seed", type=int, default=0, help="seed of the sketch (0)"),
+        group.add_argument("--device", default="auto", help="where the SVDs run: auto (CUDA if present), cpu, cuda:N"),
+    ]
+    return {action.dest: action for action in actions}
 
 
 def _settings(args):
@@ -53,42 +57,33 @@ def _add_source_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
-def _add_method_options(parser: argparse.ArgumentParser) -> None:
-    from .methods import DEFAULT_LAM, METHODS
+def _add_method_options(parser: argparse.ArgumentParser, shared: dict[str, argparse.Action]) -> None:
+    """``--method`` and one flag per registered method setting, generated from the registry.
 
-    parser.add_argument("--method", default="csulora", choices=list(METHODS), help="correction (csulora)")
-    parser.add_argument("--lam", type=float, default=DEFAULT_LAM, help=f"csulora's lambda ({DEFAULT_LAM})")
-    parser.add_argument(
-        "--rank-mode",
-        default="exact",
-        choices=["exact", "keep"],
-        help="exact: rank up to 2r; keep: best rank-r approximation",
-    )
-    parser.add_argument("--select", default="threshold", choices=["threshold", "number"], help="safelora")
-    parser.add_argument("--threshold", type=float, default=0.5, help="safelora cosine threshold (0.5)")
-    parser.add_argument("--num-proj-layers", type=int, default=10, help="safelora 'number' mode (10)")
-    parser.add_argument("--factor", type=float, default=None, help="scale: the factor c")
-    parser.add_argument(
-        "--match-lam",
-        type=float,
-        default=None,
-        help="scale: match the energy of csulora at this lambda (default --lam)",
-    )
+    A setting that is also a subspace flag (``shared``: the ``--seed`` of the sketch) keeps that one flag.
+    """
+    from .methods import DEFAULT_METHOD, METHODS, all_settings
+
+    listing = "; ".join(f"{name}: {method.summary}" for name, method in METHODS.items())
+    group = parser.add_argument_group("method", description=f"The correction methods. {listing}.")
+    group.add_argument("--method", default=DEFAULT_METHOD, choices=list(METHODS), help="correction (%(default)s)")
+    for name, (spec, users) in all_settings().items():
+        used_by = f"{', '.join(users)}: {spec.help}"
+        if name in shared:
+            action = shared[name]
+            if (action.type, action.default) != (spec.type, spec.default):
+                raise TypeError(f"setting {name} of {', '.join(users)} differs from the subspace flag {spec.flag}")
+            action.help = f"{action.help}; {used_by}"
+            continue
+        default = "" if spec.default is None else " (%(default)s)"
+        choices = list(spec.choices) if spec.choices else None
+        group.add_argument(spec.flag, type=spec.type, default=spec.default, choices=choices, help=used_by + default)
 
 
 def _params(args):
-    from .methods import MethodParams
+    from .methods import MethodParams, all_settings
 
-    return MethodParams(
-        lam=args.lam,
-        rank_mode=args.rank_mode,
-        select=args.select,
-        threshold=args.threshold,
-        num_proj_layers=args.num_proj_layers,
-        factor=args.factor,
-        match_lam=args.match_lam,
-        seed=args.seed,
-    )
+    return MethodParams(**{name: getattr(args, name) for name in all_settings()})
 
 
 def cmd_subspace(args) -> int:
@@ -226,8 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, type=Path, help="output adapter directory")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     _add_source_options(p)
-    _add_method_options(p)
-    _add_subspace_options(p)
+    _add_method_options(p, _add_subspace_options(p))
     p.set_defaults(func=cmd_correct)
 
     p = sub.add_parser("inspect", help="per-module decomposition of an adapter (writes nothing but --plot)")

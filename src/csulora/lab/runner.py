@@ -12,6 +12,7 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,15 +45,17 @@ class LabConfig:
     lora_alpha: float = 16.0
     shard_size: str = "200KB"
     subspace_energy: float = 0.8
-    lams: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
-    safelora_thresholds: tuple[float, ...] = (0.3, 0.5, 0.7)
+    # the sweep's value grids by name (a method's knob runs over the grid it names, see csulora.methods)
+    grids: Mapping[str, tuple[float, ...]] = field(
+        default_factory=lambda: {"lam": (0.1, 0.3, 1.0, 3.0, 10.0, 30.0), "threshold": (0.3, 0.5, 0.7)}
+    )
     max_new_tokens: int = 24
     eval_batch_size: int = 64
 
     def key(self) -> str:
         """Hash of everything that shapes the trained artifacts (not the sweep or the evaluation)."""
         fields = asdict(self)
-        for name in ("lams", "safelora_thresholds", "max_new_tokens", "eval_batch_size"):
+        for name in ("grids", "max_new_tokens", "eval_batch_size"):
             fields.pop(name)
         text = json.dumps(fields | {"lab_version": LAB_VERSION}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
@@ -65,8 +68,7 @@ SIZES: dict[str, dict[str, Any]] = {
         base=Schedule(steps=800, batch_size=32, lr=3e-3),
         align=Schedule(steps=250, batch_size=32, lr=1e-3),
         attack=Schedule(steps=500, batch_size=32, lr=3e-3),
-        lams=(0.1, 0.3, 1.0, 3.0, 10.0, 30.0),
-        safelora_thresholds=(0.3, 0.5, 0.7),
+        grids={"lam": (0.1, 0.3, 1.0, 3.0, 10.0, 30.0), "threshold": (0.3, 0.5, 0.7)},
     ),
     "small": dict(
         shape=ModelShape(hidden=64, layers=2, heads=4, intermediate=128),
@@ -74,8 +76,7 @@ SIZES: dict[str, dict[str, Any]] = {
         base=Schedule(steps=1200, batch_size=32, lr=3e-3),
         align=Schedule(steps=300, batch_size=32, lr=1e-3),
         attack=Schedule(steps=600, batch_size=32, lr=3e-3),
-        lams=(0.05, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0),
-        safelora_thresholds=(0.2, 0.35, 0.5, 0.65, 0.8),
+        grids={"lam": (0.05, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0), "threshold": (0.2, 0.35, 0.5, 0.65, 0.8)},
     ),
     "default": dict(
         shape=ModelShape(hidden=96, layers=2, heads=4, intermediate=192),
@@ -84,8 +85,7 @@ SIZES: dict[str, dict[str, Any]] = {
         align=Schedule(steps=700, batch_size=32, lr=1e-3),  # 400 left some held-out wordings half-refused
         attack=Schedule(steps=800, batch_size=32, lr=3e-3),
         shard_size="400KB",
-        lams=(0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 20.0, 100.0),
-        safelora_thresholds=(0.2, 0.35, 0.5, 0.65, 0.8),
+        grids={"lam": (0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 20.0, 100.0), "threshold": (0.2, 0.35, 0.5, 0.65, 0.8)},
     ),
 }  # fmt: skip
 
@@ -186,16 +186,10 @@ def build_artifacts(config: LabConfig, world: World, cache: Path, *, quiet: bool
 
 # -- the sweep -----------------------------------------------------------------------------------
 def sweep(config: LabConfig) -> list[tuple[str, dict]]:
-    """``(method, MethodParams fields)`` for every correction the lab runs."""
-    runs: list[tuple[str, dict[str, Any]]] = []
-    for lam in config.lams:
-        runs.append(("csulora", {"lam": lam}))
-        runs.append(("csulora-dir", {"lam": lam}))
-        runs.append(("random", {"lam": lam, "seed": config.seed}))
-        runs.append(("scale", {"factor": None, "match_lam": lam}))
-    runs.append(("project", {}))
-    runs.extend(("safelora", {"threshold": t}) for t in config.safelora_thresholds)
-    return runs
+    """``(method, settings)`` for every correction the lab runs: every registered method over its knob."""
+    from ..methods import lab_sweep
+
+    return lab_sweep(config.grids, config.seed)
 
 
 def run_label(method: str, params: dict) -> str:
@@ -211,7 +205,7 @@ def run_label(method: str, params: dict) -> str:
 def correct_all(config: LabConfig, art: Artifacts, adapters_dir: Path, *, quiet: bool = False) -> list[dict]:
     """Write one corrected adapter per sweep point (same calls as ``csulora correct``)."""
     from ..api import REPORT_NAME, correct_adapter
-    from ..methods import MethodParams
+    from ..methods import Needs, get_method
 
     labels = {run_label(method, params) for method, params in sweep(config)}
     if len(labels) != len(sweep(config)):
@@ -223,16 +217,17 @@ def correct_all(config: LabConfig, art: Artifacts, adapters_dir: Path, *, quiet:
     runs = []
     for method, params in tqdm(sweep(config), desc="correct", disable=quiet, leave=False):
         out = adapters_dir / run_label(method, params)
-        safelora = method == "safelora"  # Safe LoRA needs the full V, the others the subspace
+        spec = get_method(method)
+        needs_delta = spec.needs_for(spec.settings_from(params)) is Needs.DELTA  # the full V, not the subspace
         report = correct_adapter(
             art.lora,
             out,
             method=method,
-            params=MethodParams(**params),
+            params=params,
             force=True,
-            subspace=None if safelora else art.subspace,
-            base=art.base if safelora else None,
-            aligned=art.aligned if safelora else None,
+            subspace=None if needs_delta else art.subspace,
+            base=art.base if needs_delta else None,
+            aligned=art.aligned if needs_delta else None,
         )
         runs.append({"method": method, "params": report["params"], "adapter": out})
     return runs

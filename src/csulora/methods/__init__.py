@@ -1,177 +1,81 @@
 """The methods registry: CSULoRA, its per-direction variant, and the baselines and controls.
 
-Each method is one function with the same signature, ``(lora, inputs, params) -> Corrected``, plus a
-declaration of what it needs per module: the subspace basis, the full alignment matrix ``V``, or
-nothing. Methods that decide across modules (Safe LoRA's layer selection, the energy-matched scale)
-have a ``finalize`` step that sees every module's result.
+Each method lives in a file of its own (its typed settings and one decorated function, see
+``base.py``); this registry lists them. Everything method-specific elsewhere (the ``correct`` CLI's
+flags, the report's ``params``, the lab's sweep and its verdict's roles) is generated from it.
+
+Adding a method is one file plus one line in ``_BUILT_IN`` below; ``register`` adds one at run time.
 """
 
 from __future__ import annotations
 
-import math
-import zlib
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
-import torch
-
-from .correct import (
-    Corrected,
-    LoraFactors,
-    attenuation,
-    corrected_energy,
-    csulora_dir_update,
-    csulora_update,
-    decompose,
-    project_update,
-    safelora_candidate,
-    scale_update,
+from ..errors import CsuloraError
+from . import csulora, csulora_dir, project, random_subspace, safelora, scale
+from .base import (
+    DEFAULT_LAM,
+    Method,
+    ModuleInputs,
+    Needs,
+    NoSettings,
+    Settings,
+    SettingSpec,
+    Sweep,
+    define_method,
+    fit_rank,
+    setting,
 )
-from .errors import CsuloraError
+from .random_subspace import random_basis
+from .scale import energy_matched_factor
 
-DEFAULT_LAM = 1.0
+__all__ = [
+    "DEFAULT_LAM",
+    "DEFAULT_METHOD",
+    "METHODS",
+    "Method",
+    "MethodParams",
+    "ModuleInputs",
+    "Needs",
+    "NoSettings",
+    "SettingSpec",
+    "Settings",
+    "Sweep",
+    "all_settings",
+    "define_method",
+    "energy_matched_factor",
+    "fit_rank",
+    "get_method",
+    "lab_sweep",
+    "methods_with_role",
+    "random_basis",
+    "register",
+    "setting",
+    "unregister",
+]
 
-
-@dataclass(frozen=True)
-class MethodParams:
-    lam: float = DEFAULT_LAM
-    rank_mode: str = "exact"
-    select: str = "threshold"
-    threshold: float = 0.5
-    num_proj_layers: int = 10
-    factor: float | None = None
-    match_lam: float | None = None
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.rank_mode not in ("exact", "keep"):
-            raise CsuloraError(f"--rank-mode must be 'exact' or 'keep', got {self.rank_mode!r}")
-        if self.select not in ("threshold", "number"):
-            raise CsuloraError(f"--select must be 'threshold' or 'number', got {self.select!r}")
-        if not self.lam >= 0:
-            raise CsuloraError(f"--lam must be >= 0, got {self.lam}")
-        if self.match_lam is not None and not self.match_lam >= 0:
-            raise CsuloraError(f"--match-lam must be >= 0, got {self.match_lam}")
-        if self.factor is not None and not (math.isfinite(self.factor) and self.factor >= 0):
-            raise CsuloraError(f"--factor must be a finite number >= 0, got {self.factor}")
-        if not math.isfinite(self.threshold):
-            raise CsuloraError(f"--threshold must be finite, got {self.threshold}")
-        if self.num_proj_layers < 0:
-            raise CsuloraError(f"--num-proj-layers must be >= 0, got {self.num_proj_layers}")
-
-    def as_dict(self) -> dict:
-        return asdict(self)
+METHODS: dict[str, Method] = {}
 
 
-@dataclass
-class ModuleInputs:
-    """What a method may use for one module. ``U``/``R`` and ``V`` are in the update's orientation."""
-
-    name: str
-    U: torch.Tensor | None = None
-    R: torch.Tensor | None = None
-    V: torch.Tensor | None = None
-
-
-@dataclass(frozen=True)
-class Method:
-    correct: Callable[[LoraFactors, ModuleInputs, MethodParams], Corrected]
-    needs_basis: bool = True
-    needs_delta: bool = False
-    # (original factors by module, per-module results, params) -> final results
-    finalize: Callable[[Callable[[str], LoraFactors], dict, MethodParams], dict] | None = None
-    relevant_params: tuple = field(default=())
+def register(method: Method) -> Method:
+    """Add ``method``; a setting it shares by name with another method must be declared alike (one flag)."""
+    if method.name in METHODS:
+        raise ValueError(f"a method named {method.name!r} is already registered")
+    known = all_settings()
+    for spec in method.setting_specs():
+        if spec.name in known and not spec.same_declaration(known[spec.name][0]):
+            raise ValueError(
+                f"method {method.name}: setting {spec.name} is declared otherwise by {', '.join(known[spec.name][1])}"
+            )
+    if method.role == "subject" and methods_with_role("subject"):
+        raise ValueError(f"method {method.name}: the lab's verdict has one subject, {methods_with_role('subject')[0]}")
+    METHODS[method.name] = method
+    return method
 
 
-def _csulora(lora, inputs, params):
-    return csulora_update(lora, inputs.U, inputs.R, params.lam)
-
-
-def _csulora_dir(lora, inputs, params):
-    return csulora_dir_update(lora, inputs.U, inputs.R, params.lam)
-
-
-def _project(lora, inputs, params):
-    return project_update(lora, inputs.U, inputs.R)
-
-
-def random_basis(name: str, m: int, n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A seeded random orthonormal ``U: m x k``, ``R: n x k``; each module gets its own stream."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-    U, _ = torch.linalg.qr(torch.randn(m, k, generator=generator, dtype=torch.float64))
-    R, _ = torch.linalg.qr(torch.randn(n, k, generator=generator, dtype=torch.float64))
-    return U, R
-
-
-def _random(lora, inputs, params):
-    U, R = random_basis(inputs.name, inputs.U.shape[0], inputs.R.shape[0], inputs.U.shape[1], params.seed)
-    return csulora_update(lora, U, R, params.lam)
-
-
-def _safelora(lora, inputs, params):
-    return safelora_candidate(lora, inputs.V)
-
-
-def _safelora_finalize(original: Callable[[str], LoraFactors], results: dict, params: MethodParams) -> dict:
-    """Project the modules whose cosine is below the threshold, or the ``num_proj_layers`` lowest.
-
-    Each selected module is projected once (``C B``); the rest keep the trained update.
-    """
-    cosines = {name: result.info["cosine"] for name, result in results.items()}
-    if params.select == "threshold":
-        chosen = {name for name, cos in cosines.items() if cos < params.threshold}
-    else:
-        chosen = set(sorted(cosines, key=lambda name: cosines[name])[: params.num_proj_layers])
-    final = {}
-    for name, result in results.items():
-        projected = name in chosen
-        lora = result.lora if projected else original(name)
-        final[name] = Corrected(lora, result.info | {"projected": projected})
-    return final
-
-
-def _scale(lora, inputs, params):
-    """Record the energy csulora would keep at ``match_lam``; the common factor is set in finalize."""
-    if params.factor is not None:
-        return Corrected(lora, {})
-    d = decompose(lora, inputs.U, inputs.R)
-    lam = params.match_lam if params.match_lam is not None else params.lam
-    k_h, k_o = attenuation(lam, d.rho_h), attenuation(lam, d.rho_o)
-    info = {"energy": d.energy, "rho_f": d.rho_f, "rho_h": d.rho_h, "rho_o": d.rho_o}
-    return Corrected(lora, info | {"matched_energy": corrected_energy(d, k_h, k_o)})
-
-
-def energy_matched_factor(results: dict) -> float:
-    """``c`` with ``c^2 sum ||dW||^2 = sum ||dW*_csulora||^2`` over all modules."""
-    total = sum(result.info["energy"] for result in results.values())
-    matched = sum(result.info["matched_energy"] for result in results.values())
-    return math.sqrt(matched / total) if total > 0 else 1.0
-
-
-def _scale_finalize(original: Callable[[str], LoraFactors], results: dict, params: MethodParams) -> dict:
-    factor = params.factor if params.factor is not None else energy_matched_factor(results)
-    final = {}
-    for name, result in results.items():
-        scaled = scale_update(original(name), factor)
-        info = {key: value for key, value in result.info.items() if key != "matched_energy"}
-        final[name] = Corrected(scaled.lora, info | scaled.info | {"kappa_h": factor, "kappa_o": factor})
-    return final
-
-
-METHODS: dict[str, Method] = {
-    "csulora": Method(_csulora, relevant_params=("lam", "rank_mode")),
-    "csulora-dir": Method(_csulora_dir, relevant_params=("lam",)),
-    "safelora": Method(
-        _safelora,
-        needs_basis=False,
-        needs_delta=True,
-        finalize=_safelora_finalize,
-        relevant_params=("select", "threshold", "num_proj_layers"),
-    ),
-    "project": Method(_project),
-    "scale": Method(_scale, finalize=_scale_finalize, relevant_params=("factor", "match_lam", "lam")),
-    "random": Method(_random, relevant_params=("lam", "rank_mode", "seed")),
-}
+def unregister(name: str) -> None:
+    del METHODS[name]
 
 
 def get_method(name: str) -> Method:
@@ -180,8 +84,90 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-def method_needs_basis(name: str, params: MethodParams) -> bool:
-    """``scale`` with an explicit ``--factor`` needs no subspace; every other csulora-family method does."""
-    if name == "scale" and params.factor is not None:
-        return False
-    return get_method(name).needs_basis
+def all_settings() -> dict[str, tuple[SettingSpec, list[str]]]:
+    """Every registered setting by name (first declaration order), with the methods that take it."""
+    found: dict[str, tuple[SettingSpec, list[str]]] = {}
+    for method in METHODS.values():
+        for spec in method.setting_specs():
+            found.setdefault(spec.name, (spec, []))[1].append(method.name)
+    return found
+
+
+class MethodParams(Mapping[str, Any]):
+    """Setting values by name for any registered method; each method takes its own and ignores the rest.
+
+    ``MethodParams(lam=2.0)`` is what the ``correct`` CLI builds from its flags. Every value is checked
+    against its declaration when given, whichever method runs; an attribute not given reads as its
+    declared default.
+    """
+
+    def __init__(self, **values: Any) -> None:
+        declared = all_settings()
+        for name, value in values.items():
+            if name not in declared:
+                raise TypeError(f"MethodParams got an unknown setting {name!r}; known: {', '.join(declared)}")
+            declared[name][0].check(value)
+        self._values = values
+
+    def __getattr__(self, name: str) -> Any:
+        declared = all_settings()
+        if name.startswith("_") or name not in declared:
+            raise AttributeError(name)
+        return self._values.get(name, declared[name][0].default)
+
+    def __getitem__(self, name: str) -> Any:
+        return self._values[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return f"MethodParams({', '.join(f'{k}={v!r}' for k, v in self._values.items())})"
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every registered setting, given or default."""
+        return {name: getattr(self, name) for name in all_settings()}
+
+
+# -- the lab -------------------------------------------------------------------------------------
+def methods_with_role(role: str) -> list[str]:
+    """The registered methods with a lab ``role`` ("subject", "control", "method"), in registry order."""
+    return [name for name, method in METHODS.items() if method.role == role]
+
+
+def lab_sweep(grids: Mapping[str, Sequence[float]], seed: int) -> list[tuple[str, dict[str, Any]]]:
+    """``(method, settings)`` for every correction the lab runs, method by method in registry order.
+
+    Each method's knob runs over the lab's grid of that name (``grids``), or its own ``values``; a
+    method with no knob runs once at its defaults; a ``seed`` setting takes the lab's seed.
+    """
+    runs: list[tuple[str, dict[str, Any]]] = []
+    for name, method in METHODS.items():
+        seeded: dict[str, Any] = {"seed": seed} if any(spec.name == "seed" for spec in method.setting_specs()) else {}
+        knob = method.sweep.knob
+        if knob is None:
+            runs.append((name, dict(seeded)))
+            continue
+        grid = method.sweep.grid or knob
+        values = grids.get(grid, method.sweep.values)
+        if not values:
+            raise CsuloraError(f"method {name}: the lab has no {grid!r} grid and the method gives no values")
+        runs.extend((name, {knob: value} | seeded) for value in values)
+    return runs
+
+
+_BUILT_IN = (
+    csulora.method,
+    csulora_dir.method,
+    safelora.method,
+    project.method,
+    scale.method,
+    random_subspace.method,
+)
+for _method in _BUILT_IN:
+    register(_method)
+
+DEFAULT_METHOD = csulora.method.name
