@@ -65,6 +65,10 @@ class Adapter:
     def key(self, module: str, side: str) -> str:
         return f"{KEY_PREFIX}{module}.lora_{side}.weight"
 
+    def update_shape(self, module: str) -> tuple[int, int]:
+        """``(m, n)``: the update ``B @ A`` is ``out x in``, whatever the weight's stored layout."""
+        return self.state[self.key(module, "B")].shape[0], self.state[self.key(module, "A")].shape[1]
+
     def factors(self, module: str, dtype: torch.dtype = torch.float64) -> LoraFactors:
         """``dW = s B A`` with ``B: out x r``, ``A: r x in`` (PEFT keeps this order for Conv1D too)."""
         return LoraFactors(

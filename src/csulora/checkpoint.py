@@ -23,6 +23,7 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 PICKLE_SINGLE = "pytorch_model.bin"
+WEIGHT_SUFFIX = ".weight"
 
 
 def resolve_local(source: str | os.PathLike, *, allow_patterns: list[str] | None = None) -> Path:
@@ -196,21 +197,30 @@ class Checkpoint:
         ``transformer.h.0.attn.c_attn`` finds ``h.0.attn.c_attn.weight`` and vice versa, so a
         checkpoint saved from the bare model still pairs with a causal-LM adapter.
         """
-        found = match_module(module, [key[: -len(".weight")] for key in self.weight_map if key.endswith(".weight")])
+        found = match_module(module, [name for key in self.weight_map if (name := module_of(key)) is not None])
         if found is None:
             raise CsuloraError(f"{self.path}: no weight for module {module}")
-        return found + ".weight"
+        return found + WEIGHT_SUFFIX
+
+    def module_name(self, module: str) -> str:
+        """``module`` as this checkpoint names it (``weight_key`` without ``.weight``)."""
+        return self.weight_key(module)[: -len(WEIGHT_SUFFIX)]
 
     def linear_modules(self, targets: list[str]) -> list[str]:
         """Modules with a 2-D weight whose name is a target or ends with ``.target`` (PEFT's rule)."""
         found = []
         for key in self.weight_map:
-            if not key.endswith(".weight") or len(self._shapes[key]) != 2:
+            module = module_of(key)
+            if module is None or len(self._shapes[key]) != 2:
                 continue
-            module = key[: -len(".weight")]
             if any(module == t or module.endswith("." + t) for t in targets):
                 found.append(module)
         return sorted(found, key=natural_key)
+
+
+def module_of(key: str) -> str | None:
+    """The module whose weight ``key`` is (``model.layers.0.mlp.up_proj.weight`` -> ``model.layers.0.mlp.up_proj``)."""
+    return key[: -len(WEIGHT_SUFFIX)] if key.endswith(WEIGHT_SUFFIX) else None
 
 
 def first_line(exc: BaseException) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .checkpoint import Checkpoint, tensor_digest
 from .errors import CsuloraError
-from .subspace import Subspace, _FileBases, load_subspace
+from .subspace import Subspace, _FileBases, chained_digests, load_subspace
 
 SHARD_KEY = "shard"
 
@@ -123,11 +123,9 @@ def merge_shards(paths: list[str | Path]) -> Subspace:
     by_path = {path: shard for path, shard in shards}
     bases = {module: by_path[owner[module]][module] for module in reference["modules"]}
     metadata = {key: value for key, value in first.metadata.items() if key not in (SHARD_KEY, "format_version")}
+    digests = chained_digests([basis.sha256 for basis in bases.values()])  # every module's checked above
     for side in ("base", "aligned"):
-        chain = hashlib.sha256()
-        for basis in bases.values():
-            chain.update(bytes.fromhex((basis.sha256 or {})[side]))  # every module's digests checked above
-        metadata[side] = {"source": first.metadata[side]["source"], "sha256": chain.hexdigest()}
+        metadata[side] = {"source": first.metadata[side]["source"], "sha256": digests[side]}
     return Subspace(bases, metadata)
 
 

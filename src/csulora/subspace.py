@@ -7,9 +7,10 @@ JSON document under the ``csulora`` metadata key).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -238,6 +239,26 @@ class Subspace:
         with atomic_file(path, force=force, owned=is_subspace_file) as tmp:
             save_file(tensors, str(tmp), metadata={"csulora": json.dumps(document, allow_nan=False)})
         return Path(path)
+
+
+def chained_digests(digests: Sequence[dict | None]) -> dict[str, str | None]:
+    """The pair's content digests from its modules' (``ModuleBasis.sha256``): sha256 over them, in order.
+
+    What a single run records for the whole pair, whether it streamed the modules or merged shards;
+    None with no modules.
+    """
+    chains: dict[str, str | None] = {}
+    for side in ("base", "aligned"):
+        if not digests:
+            chains[side] = None
+            continue
+        chain = hashlib.sha256()
+        for digest in digests:
+            if digest is None:
+                raise CsuloraError(f"a module has no {side} weight digest to chain")
+            chain.update(bytes.fromhex(digest[side]))
+        chains[side] = chain.hexdigest()
+    return chains
 
 
 def is_subspace_file(path: Path) -> bool:
