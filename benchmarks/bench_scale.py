@@ -321,9 +321,9 @@ def read_worker(args) -> None:
 def accuracy(base_dir: Path, aligned_dir: Path, exact_file: Path, modules: list[str], settings_grid):
     from safetensors import safe_open
 
-    from csulora.api import _read_delta
     from csulora.checkpoint import Checkpoint
     from csulora.subspace import SubspaceSettings, choose_rank, module_basis
+    from csulora.subspace_stream import _read_delta
 
     base, aligned = Checkpoint(base_dir), Checkpoint(aligned_dir)
     rows = []
@@ -361,9 +361,9 @@ def accuracy(base_dir: Path, aligned_dir: Path, exact_file: Path, modules: list[
 
 def overlap(base_dir: Path, aligned_dir: Path, modules: list[str]) -> dict:
     """Does iter_deltas' prefetch overlap reading with compute? read-only, compute-only, pipelined."""
-    from csulora.api import _read_delta, iter_deltas
     from csulora.checkpoint import Checkpoint
     from csulora.subspace import SubspaceSettings, module_basis
+    from csulora.subspace_stream import _read_delta, iter_deltas
 
     base, aligned = Checkpoint(base_dir), Checkpoint(aligned_dir)
     settings = SubspaceSettings()

@@ -503,8 +503,8 @@ g.generate = slow_generate
 
 def test_negligible_displacement_is_relative_to_the_weight(tmp_path):
     """Rounding noise (1e-8 of the weight) counts as V = 0; a small real displacement does not."""
-    from csulora.api import _read_delta
     from csulora.checkpoint import Checkpoint
+    from csulora.subspace_stream import _read_delta
 
     generator = torch.Generator().manual_seed(0)
     W = torch.randn(64, 32, generator=generator, dtype=torch.float64) * 0.02

@@ -108,12 +108,12 @@ def test_output_is_not_the_current_directory(tmp_path, llama_adapter, subspace_f
 
 # -- checked before any work ---------------------------------------------------------------------
 def test_unwritable_output_fails_before_any_svd(tmp_path, llama_pair, llama_adapter, capsys, monkeypatch):
-    import csulora.api
+    import csulora.subspace_stream
 
     def no_svd(*args, **kwargs):
         raise AssertionError("an SVD ran before the output was checked")
 
-    monkeypatch.setattr(csulora.api, "module_basis", no_svd)
+    monkeypatch.setattr(csulora.subspace_stream, "module_basis", no_svd)
     base, aligned = llama_pair
     blocker = tmp_path / "file"
     blocker.write_text("x")

@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from csulora.api import _read_delta, iter_deltas
 from csulora.checkpoint import Checkpoint
 from csulora.errors import CsuloraError
 from csulora.subspace import SubspaceSettings, _frobenius_sq, module_basis
+from csulora.subspace_stream import _read_delta, iter_deltas
 
 
 def _checkpoint(path, tensors):

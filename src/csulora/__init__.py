@@ -3,7 +3,6 @@
 __version__ = "0.1.0"
 
 from .adapter import Adapter, load_adapter, write_adapter  # noqa: E402
-from .api import compute_subspace, correct_adapter  # noqa: E402
 from .checkpoint import Checkpoint  # noqa: E402
 from .correct import (  # noqa: E402
     LoraFactors,
@@ -17,7 +16,9 @@ from .correct import (  # noqa: E402
 )
 from .errors import CsuloraError  # noqa: E402
 from .methods import METHODS, MethodParams  # noqa: E402
+from .pipeline import correct_adapter  # noqa: E402
 from .subspace import Subspace, SubspaceSettings, load_subspace, randomized_svd  # noqa: E402
+from .subspace_stream import compute_subspace  # noqa: E402
 
 __all__ = [
     "Adapter",

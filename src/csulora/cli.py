@@ -109,7 +109,7 @@ def cmd_subspace(args) -> int:
 
             subspace = merge_shards(args.merge)
         else:
-            from .api import compute_subspace
+            from .subspace_stream import compute_subspace
 
             subspace = compute_subspace(
                 args.base,
@@ -130,7 +130,7 @@ def cmd_subspace(args) -> int:
 
 
 def cmd_correct(args) -> int:
-    from .api import REPORT_NAME, correct_adapter
+    from .pipeline import REPORT_NAME, correct_adapter
 
     report = correct_adapter(
         args.adapter,

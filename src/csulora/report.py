@@ -1,13 +1,63 @@
-"""Presenting decompositions: a text table and a plot of rho_f / rho_h / rho_o by layer."""
+"""Inspecting an adapter: its per-module decomposition, as a text table and a plot of rho_f / rho_h / rho_o."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .api import inspect_adapter
+from .adapter import Adapter, load_adapter
+from .correct import decompose
 from .io_utils import atomic_file
+from .sources import AdapterSubspace, open_pair
+from .subspace import Subspace, SubspaceSettings
+from .subspace_stream import warn_unaligned
+from .threads import torch_threads
 
 __all__ = ["format_table", "inspect_adapter", "is_png", "plot_decomposition"]
+
+
+@torch_threads(1)
+def inspect_adapter(
+    adapter: str | Path | Adapter,
+    *,
+    subspace: str | Path | Subspace | None = None,
+    base: str | Path | None = None,
+    aligned: str | Path | None = None,
+    settings: SubspaceSettings | None = None,
+    allow_pickle: bool = False,
+    progress: bool = False,
+    device: str | None = None,
+) -> list[dict]:
+    """The per-module decomposition of ``adapter`` (nothing is written): one row per module."""
+    adapter = adapter if isinstance(adapter, Adapter) else load_adapter(adapter, allow_pickle=allow_pickle)
+    source = AdapterSubspace(
+        adapter, subspace, open_pair(adapter, base, aligned, allow_pickle), aligned, settings, progress, device
+    )
+    rows = []
+    for basis in source.bases():
+        lora = adapter.factors(basis.module)
+        d = decompose(lora, basis.U, basis.R)
+        rows.append(
+            {
+                "module": basis.name,
+                "layer": layer_index(basis.name),
+                "k": basis.k,
+                "rank": lora.rank,
+                "energy": d.energy,
+                "rho_f": d.rho_f,
+                "rho_h": d.rho_h,
+                "rho_o": d.rho_o,
+            }
+        )
+    warn_unaligned([str(row["module"]) for row in rows if row["k"] == 0], len(adapter.modules), source.where)
+    return rows
+
+
+def layer_index(module: str) -> int | None:
+    """The first integer component of a module path (``model.layers.3.mlp.up_proj`` -> 3)."""
+    for part in module.split("."):
+        if part.isdigit():
+            return int(part)
+    return None
 
 
 PARTS = (

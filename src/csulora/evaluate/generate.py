@@ -33,7 +33,7 @@ def load_model(model: str | Path, adapter: str | Path | None = None, *, merge: b
         lm: Any = AutoModelForCausalLM.from_pretrained(path, dtype="auto")  # becomes a PeftModel below
     except Exception as exc:  # transformers raises many kinds for a directory that is not a model
         raise CsuloraError(f"{model}: cannot load a causal LM ({first_line(exc)})") from None
-    from ..api import resolve_device
+    from ..device import resolve_device
 
     full_precision = lm.dtype == torch.float32
     lm = lm.to(resolve_device(device))

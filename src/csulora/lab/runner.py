@@ -1,7 +1,7 @@
 """The lab end to end: world -> tokenizer -> base -> aligned -> LoRA attack -> corrections -> report.
 
 The checkpoints are real Hugging Face / PEFT directories and every correction goes through
-``csulora.api.compute_subspace`` and ``csulora.api.correct_adapter``, as ``csulora correct`` does.
+``csulora.compute_subspace`` and ``csulora.correct_adapter``, as ``csulora correct`` does.
 Trained artifacts are cached under ``OUT/cache/<size>-seed<seed>-<config hash>`` so a second run (or
 a run with the same configuration elsewhere in ``OUT``) only re-corrects and re-evaluates.
 """
@@ -132,8 +132,8 @@ def build_artifacts(config: LabConfig, world: World, cache: Path, *, quiet: bool
     """Train (or reuse) tokenizer, base, aligned, LoRA and subspace; each is written atomically."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..api import compute_subspace
     from ..subspace import SubspaceSettings
+    from ..subspace_stream import compute_subspace
     from .train import add_lora, fit, new_model, train_tokenizer
 
     art = Artifacts(cache)
@@ -204,8 +204,8 @@ def run_label(method: str, params: dict) -> str:
 
 def correct_all(config: LabConfig, art: Artifacts, adapters_dir: Path, *, quiet: bool = False) -> list[dict]:
     """Write one corrected adapter per sweep point (same calls as ``csulora correct``)."""
-    from ..api import REPORT_NAME, correct_adapter
     from ..methods import Needs, get_method
+    from ..pipeline import REPORT_NAME, correct_adapter
 
     labels = {run_label(method, params) for method, params in sweep(config)}
     if len(labels) != len(sweep(config)):

@@ -1,0 +1,219 @@
+"""The correction pipeline: an adapter, a method and its inputs in; a PEFT adapter and a report out.
+
+``run_correction`` applies a method module by module and returns typed per-module results
+(``ModuleResult``) inside a ``Correction``, which also says where the subspace came from and builds
+the report; ``correct_adapter`` checks the output, runs it and writes the adapter and the report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from . import __version__
+from .adapter import CONFIG_NAME, Adapter, load_adapter, write_adapter
+from .correct import Corrected, LoraFactors, frobenius_sq
+from .io_utils import atomic_dir, reserve_output, strict_json
+from .methods import DEFAULT_METHOD, Method, MethodParams, ModuleInputs, Needs, Settings, get_method
+from .sources import AdapterSubspace, ModuleBasisFor, Pair, adapter_deltas, open_pair
+from .subspace import Subspace, SubspaceSettings
+from .subspace_stream import warn_unaligned
+from .threads import correction_flops, threads_for, torch_threads
+
+REPORT_NAME = "csulora_report.json"
+
+
+@dataclass(frozen=True)
+class ModuleResult:
+    """One module's correction and what the report says about it."""
+
+    module: str  # the adapter's name
+    name: str  # the checkpoint's name (the report's key)
+    rank_in: int
+    corrected: Corrected
+    k: int | None = None  # the subspace rank it was corrected with (None: the method read no subspace)
+    unchanged: bool = False  # aligned - base is zero here, so the update was kept as it was
+
+    def report(self) -> dict:
+        info = self.corrected.info
+        row = {
+            "k": self.k,
+            "rho_f": info.get("rho_f"),
+            "rho_h": info.get("rho_h"),
+            "rho_o": info.get("rho_o"),
+            "kappa_h": info.get("kappa_h"),
+            "kappa_o": info.get("kappa_o"),
+            "rank_in": self.rank_in,
+            "rank_out": self.corrected.lora.rank,
+            "truncation_error": info.get("truncation_error", 0.0),
+        }
+        extra = {key: value for key, value in info.items() if key not in row and key != "energy"}
+        return row | {"energy": info.get("energy")} | extra
+
+
+@dataclass(frozen=True)
+class Correction:
+    """A method's results for every module of an adapter, in the adapter's order."""
+
+    method: str
+    settings: Settings
+    modules: list[ModuleResult]
+    subspace: dict | None  # where the subspace came from (None: the method read none)
+
+    def report(self, adapter: Adapter) -> dict:
+        return {
+            "method": self.method,
+            "params": self.settings.as_dict(),
+            "csulora_version": __version__,
+            "adapter": str(adapter.path),
+            "subspace": self.subspace,
+            "energy_before": sum(_energy(adapter.factors(m)) for m in adapter.modules),
+            "energy_after": sum(_energy(result.corrected.lora) for result in self.modules),
+            "unchanged_modules": [result.name for result in self.modules if result.unchanged],
+            "modules": {result.name: result.report() for result in self.modules},
+        }
+
+
+def is_corrected_adapter(path: Path) -> bool:
+    """Whether directory ``path`` is an output of ``correct``: a PEFT adapter with our report, no subfolders."""
+    return (
+        path.is_dir()
+        and (path / REPORT_NAME).is_file()
+        and (path / CONFIG_NAME).is_file()
+        and not any(item.is_dir() for item in path.iterdir())
+    )
+
+
+@torch_threads(1)  # k-wide and r x r products; bigger work asks for more threads (threads_for)
+def correct_adapter(
+    adapter: str | Path | Adapter,
+    out: str | Path,
+    *,
+    method: str = DEFAULT_METHOD,
+    params: MethodParams | Mapping[str, Any] | Settings | None = None,
+    subspace: str | Path | Subspace | None = None,
+    base: str | Path | None = None,
+    aligned: str | Path | None = None,
+    settings: SubspaceSettings | None = None,
+    force: bool = False,
+    allow_pickle: bool = False,
+    progress: bool = False,
+    device: str | None = None,
+) -> dict:
+    """Correct ``adapter`` and write a PEFT adapter plus ``csulora_report.json`` into ``out``.
+
+    Returns the report. The subspace comes from ``subspace`` (a file or object) or is computed from
+    ``base`` and ``aligned`` (default: the adapter's ``base_model_name_or_path``). ``params`` holds the
+    method's settings (see ``csulora.methods``). The output is checked (writable, not an input,
+    replaceable) before any work is done.
+    """
+    spec = get_method(method)
+    method_settings = spec.settings_from(params)
+    needs = spec.needs_for(method_settings)
+    adapter = adapter if isinstance(adapter, Adapter) else load_adapter(adapter, allow_pickle=allow_pickle)
+    required = f"--method {method} needs the full alignment matrix: pass --base (and --aligned)"
+    pair = open_pair(adapter, base, aligned, allow_pickle, required if needs is Needs.DELTA else None)
+    subspace_path = subspace if isinstance(subspace, str | Path) else getattr(subspace, "path", None)
+    inputs = [adapter.path, subspace_path] + ([pair.base.path, pair.aligned.path] if pair else [])
+    with reserve_output(out, force=force, owned=is_corrected_adapter, inputs=inputs, kind="dir"):
+        source = (
+            AdapterSubspace(adapter, subspace, pair, aligned, settings, progress, device)
+            if needs is Needs.BASIS
+            else None
+        )
+        correction = run_correction(adapter, spec, method_settings, source=source, pair=pair, progress=progress)
+        report = correction.report(adapter)
+        with atomic_dir(out, force=force, owned=is_corrected_adapter, inputs=inputs) as tmp:
+            write_adapter(adapter, tmp, {result.module: result.corrected.lora for result in correction.modules})
+            (tmp / REPORT_NAME).write_text(strict_json(report) + "\n")
+    return report
+
+
+@dataclass(frozen=True)
+class _ModuleSource:
+    """What one module is corrected with (built at once from the basis, the delta, or nothing)."""
+
+    module: str
+    name: str
+    inputs: ModuleInputs
+    k: int | None
+    unaligned: bool  # aligned - base is zero here
+
+
+def _module_sources(
+    adapter: Adapter, needs: Needs, source: AdapterSubspace | None, pair: Pair | None, used: list[ModuleBasisFor]
+) -> Iterator[_ModuleSource]:
+    """Each adapter module's inputs, in order; the bases read are appended to ``used``."""
+    if needs is Needs.BASIS:
+        assert source is not None
+        for basis in source.bases():
+            used.append(basis)
+            inputs = ModuleInputs(basis.module, U=basis.U, R=basis.R)
+            yield _ModuleSource(basis.module, basis.name, inputs, basis.k, basis.k == 0)
+    elif needs is Needs.DELTA:
+        assert pair is not None
+        for delta in adapter_deltas(adapter, pair):
+            yield _ModuleSource(delta.module, delta.name, ModuleInputs(delta.module, V=delta.V), None, delta.negligible)
+    else:
+        for module in adapter.modules:
+            name = pair.aligned.module_name(module) if pair else module
+            yield _ModuleSource(module, name, ModuleInputs(module), None, False)
+
+
+def run_correction(
+    adapter: Adapter,
+    spec: Method,
+    settings: Settings,
+    *,
+    source: AdapterSubspace | None = None,
+    pair: Pair | None = None,
+    progress: bool = False,
+) -> Correction:
+    """Apply ``spec`` module by module (then its ``finalize`` across modules); nothing is written.
+
+    ``source`` gives the bases (for a method that needs them), ``pair`` the full ``V`` (for one that
+    needs it). A module where aligned - base is zero keeps its update and is left out of ``finalize``.
+    """
+    needs = spec.needs_for(settings)
+    used: list[ModuleBasisFor] = []
+    results = []
+    for item in tqdm(
+        _module_sources(adapter, needs, source, pair, used),
+        total=len(adapter.modules),
+        desc=spec.name,
+        disable=not progress,
+    ):
+        lora = adapter.factors(item.module)
+        if item.unaligned:
+            corrected = _unchanged(lora)
+        else:
+            m, n, V = lora.B.shape[0], lora.A.shape[1], item.inputs.V
+            with torch_threads(threads_for(correction_flops(m, n, lora.rank, item.k or 0, V is not None))):
+                corrected = spec.correct(lora, item.inputs, settings)
+            # float32 is ample for storage (adapters are saved in fp32 or lower) and halves peak memory
+            corrected = Corrected(_float32(corrected.lora), corrected.info)
+        results.append(ModuleResult(item.module, item.name, lora.rank, corrected, item.k, item.unaligned))
+    where = source.where if source is not None else str(pair.aligned.path if pair else adapter.path)
+    warn_unaligned([r.name for r in results if r.unchanged], len(adapter.modules), where)
+    if spec.finalize is not None:
+        final = spec.finalize(adapter.factors, {r.module: r.corrected for r in results if not r.unchanged}, settings)
+        results = [r if r.unchanged else replace(r, corrected=final[r.module]) for r in results]
+    return Correction(spec.name, settings, results, source.metadata(used) if source is not None else None)
+
+
+def _energy(lora: LoraFactors) -> float:
+    return lora.scale**2 * frobenius_sq(lora.B, lora.A)
+
+
+def _float32(lora: LoraFactors) -> LoraFactors:
+    return LoraFactors(lora.B.float(), lora.A.float(), lora.scale)
+
+
+def _unchanged(lora: LoraFactors) -> Corrected:
+    """A module with V = 0 keeps its update: there is no safety direction to protect there."""
+    info = {"energy": _energy(lora), "kappa_h": 1.0, "kappa_o": 1.0, "unchanged": "aligned - base is zero here"}
+    return Corrected(_float32(lora), info)

@@ -1,0 +1,250 @@
+"""Streaming a (base, aligned) checkpoint pair into per-module safety subspaces.
+
+One module at a time: the displacement ``V = W_aligned - W_base`` is read (the next one prefetched
+while this one is decomposed), its basis computed, and ``V`` freed, so memory holds a module or two,
+never a model. ``compute_subspace`` collects the bases into a ``Subspace``; ``correct`` consumes them
+one by one (``stream_bases``) without ever holding the whole subspace.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .adapter import Adapter, load_adapter
+from .checkpoint import Checkpoint, tensor_digest
+from .device import resolve_device
+from .errors import CsuloraError, CsuloraWarning
+from .memory import release_freed_memory
+from .subspace import ADAPTIVE_START_RANK, ModuleBasis, Subspace, SubspaceSettings, chained_digests, module_basis
+from .threads import sketch_flops, threads_for, torch_threads
+
+NEGLIGIBLE = 1e-6  # ||V||_F below this fraction of ||W_aligned||_F is rounding noise, not alignment
+
+
+class Delta(NamedTuple):
+    """One module's displacement ``V = W_aligned - W_base`` (float32, stored layout)."""
+
+    module: str
+    V: torch.Tensor
+    digest_base: bytes
+    digest_aligned: bytes
+    negligible: bool  # V is zero, or numerically zero relative to the weight
+
+
+def _read_delta(base: Checkpoint, aligned: Checkpoint, module: str) -> Delta:
+    """``V = W_aligned - W_base`` for one module in float32 (stored layout), with content digests."""
+    key_a = aligned.weight_key(module)
+    key_b = base.weight_key(module)
+    W_a = aligned.read(key_a)
+    W_b = base.read(key_b)
+    if W_a.shape != W_b.shape:
+        raise CsuloraError(
+            f"module {module}: {aligned.path} has shape {tuple(W_a.shape)} but {base.path} has "
+            f"{tuple(W_b.shape)}; base and aligned must be the same architecture"
+        )
+    digests = tensor_digest(W_b), tensor_digest(W_a)
+    V = W_a.to(torch.float32, copy=True)  # a float32 W_a must not be modified in place below
+    V -= W_b  # type promotion reads W_b in its own dtype: no float32 copy of the base weight
+    # V is finite iff both weights are (or their difference overflowed), and its norm is finite iff V
+    # is (or the sum of squares overflowed): one pass over V gives both the check and the size of V;
+    # the weights are checked elementwise only when something is wrong, to name the culprit
+    norm_v = float(torch.linalg.vector_norm(V))
+    if not math.isfinite(norm_v):
+        for W, ckpt in ((W_a, aligned), (W_b, base)):
+            if not torch.isfinite(W).all():
+                raise CsuloraError(f"{ckpt.path}: module {module} has NaN or Inf weights")
+        if not torch.isfinite(V).all():
+            raise CsuloraError(f"module {module}: aligned - base overflows float32 ({aligned.path}, {base.path})")
+    # the weight's norm takes another pass: only when V is tiny (RMS < NEGLIGIBLE; trained displacements
+    # are ~1e-4 of weights' ~1e-2 RMS) is it needed to tell rounding noise from a small displacement
+    negligible = norm_v == 0 or (
+        norm_v <= NEGLIGIBLE * math.sqrt(V.numel())
+        and norm_v
+        <= NEGLIGIBLE * float(torch.linalg.vector_norm(W_a, dtype=torch.promote_types(W_a.dtype, torch.float32)))
+    )
+    return Delta(module, V, *digests, negligible)
+
+
+def iter_deltas(base: Checkpoint, aligned: Checkpoint, modules: list[str]) -> Iterator[Delta]:
+    """Yield each module's displacement, reading the next module while the caller works on this one."""
+    if not modules:
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(_read_delta, base, aligned, modules[0])
+        for i in range(len(modules)):
+            result = pending.result()
+            if i + 1 < len(modules):
+                pending = pool.submit(_read_delta, base, aligned, modules[i + 1])
+            yield result
+
+
+def check_pair(base: Checkpoint, aligned: Checkpoint, modules: list[str]) -> None:
+    """Base and aligned must be one architecture: same ``model_type``, same shapes for ``modules``."""
+    if base.model_type and aligned.model_type and base.model_type != aligned.model_type:
+        raise CsuloraError(
+            f"{base.path} is a {base.model_type} model but {aligned.path} is a {aligned.model_type} model; "
+            "base and aligned must be the same architecture"
+        )
+    for module in modules:
+        shape_b, shape_a = base.shape(base.weight_key(module)), aligned.shape(aligned.weight_key(module))
+        if shape_b != shape_a:
+            raise CsuloraError(
+                f"module {module}: {aligned.path} has shape {shape_a} but {base.path} has {shape_b}; "
+                "base and aligned must be the same architecture"
+            )
+
+
+def empty_basis(m: int, n: int, total_energy: float) -> ModuleBasis:
+    """No subspace (k = 0): what a module whose alignment displacement is zero gets."""
+    return ModuleBasis(torch.zeros(m, 0), torch.zeros(n, 0), torch.zeros(0), total_energy)
+
+
+def warn_unaligned(modules: list[str], total: int, where: str) -> None:
+    """Modules with V = 0 keep their update; when every module has V = 0 there is nothing to do."""
+    if not modules:
+        return
+    if len(modules) == total:
+        raise CsuloraError(
+            f"{where}: aligned - base is zero in every module ({', '.join(modules[:3])}"
+            f"{', ...' if len(modules) > 3 else ''}): is the aligned checkpoint the base itself?"
+        )
+    for module in modules:
+        warnings.warn(
+            f"{where}: module {module}: aligned - base is zero, so no safety subspace; its update is left unchanged",
+            CsuloraWarning,
+            stacklevel=3,
+        )
+
+
+def subspace_modules(
+    aligned: Checkpoint, *, modules: list[str] | None, targets: list[str] | None, adapter: Adapter | None
+) -> list[str]:
+    """Checkpoint module names to decompose: explicit ones, an adapter's, or those matching targets."""
+    if adapter is not None:
+        modules = adapter.modules
+        for module in modules:
+            _check_adapter_fits(adapter, aligned, module)
+    if modules is not None:
+        return [aligned.module_name(module) for module in modules]
+    if not targets:
+        raise CsuloraError("say which modules: --targets q_proj,v_proj,... or --adapter DIR")
+    found = aligned.linear_modules(targets)
+    if not found:
+        raise CsuloraError(f"{aligned.path}: no 2-D weight matches the targets {', '.join(targets)}")
+    return found
+
+
+def _check_adapter_fits(adapter: Adapter, aligned: Checkpoint, module: str) -> None:
+    """The adapter's update for ``module`` must have the shape of the checkpoint's weight."""
+    m, n = adapter.update_shape(module)
+    stored = aligned.shape(aligned.weight_key(module))
+    expected = (n, m) if adapter.fan_in_fan_out else (m, n)
+    if tuple(stored) != expected:
+        raise CsuloraError(
+            f"{adapter.path}: module {module} updates a {m} x {n} weight but {aligned.path} stores "
+            f"{' x '.join(map(str, stored))}; was the adapter trained on a different model?"
+        )
+
+
+def stream_bases(
+    base: Checkpoint,
+    aligned: Checkpoint,
+    names: list[str],
+    settings: SubspaceSettings,
+    progress: bool = False,
+    device: str | None = None,
+) -> Iterator[tuple[str, ModuleBasis]]:
+    """Each module's basis in the order of ``names``, computed while the next module is read.
+
+    Each basis records the sha256 of the two weights it comes from (``stream_metadata`` chains them).
+    """
+    target = resolve_device(device)
+    with tqdm(total=len(names), desc="subspace", disable=not progress) as bar:
+        for name, V, digest_b, digest_a, negligible in iter_deltas(base, aligned, names):
+            m, n = V.shape
+            if negligible:  # no direction to protect: do not invent one from rounding noise
+                basis = empty_basis(m, n, float(torch.linalg.vector_norm(V)) ** 2)
+            else:
+                width = (settings.rank or ADAPTIVE_START_RANK) + settings.oversample
+                with torch_threads(threads_for(sketch_flops(m, n, width, settings.power_iters))):
+                    basis = module_basis(V.to(target), settings)
+            del V
+            release_freed_memory()
+            yield (
+                name,
+                replace(
+                    basis,
+                    U=basis.U.cpu(),
+                    R=basis.R.cpu(),
+                    sigma=basis.sigma.cpu(),
+                    sha256={"base": digest_b.hex(), "aligned": digest_a.hex()},
+                ),
+            )
+            bar.update()
+
+
+def stream_metadata(
+    base: Checkpoint, aligned: Checkpoint, settings: SubspaceSettings, module_digests: Sequence[dict | None]
+) -> dict:
+    """Where streamed bases come from: sources, settings, and the weights' digests chained over every module.
+
+    ``module_digests``: each streamed basis's ``sha256``, all of them, in order.
+    """
+    digests = chained_digests(module_digests)
+    return {
+        "csulora_version": __version__,
+        "base": {"source": base.source, "sha256": digests["base"]},
+        "aligned": {"source": aligned.source, "sha256": digests["aligned"]},
+        "settings": asdict(settings),
+        "layout": "stored",
+    }
+
+
+def compute_subspace(
+    base: str | Path | Checkpoint,
+    aligned: str | Path | Checkpoint,
+    *,
+    modules: list[str] | None = None,
+    targets: list[str] | None = None,
+    adapter: str | Path | Adapter | None = None,
+    settings: SubspaceSettings | None = None,
+    allow_pickle: bool = False,
+    progress: bool = False,
+    device: str | None = None,
+    shard: tuple[int, int] | None = None,
+) -> Subspace:
+    """Stream both checkpoints and compute each module's safety subspace.
+
+    Bases are in the checkpoint's stored layout (``out x in`` for ``nn.Linear``; a GPT-2 ``Conv1D``
+    stores ``in x out``, and the adapter's ``fan_in_fan_out`` flips it back when correcting).
+    ``shard=(I, N)`` computes only shard I of N (see ``csulora.shards``).
+    """
+    settings = settings or SubspaceSettings()
+    base = base if isinstance(base, Checkpoint) else Checkpoint(base, allow_pickle=allow_pickle)
+    aligned = aligned if isinstance(aligned, Checkpoint) else Checkpoint(aligned, allow_pickle=allow_pickle)
+    if adapter is not None and not isinstance(adapter, Adapter):
+        adapter = load_adapter(adapter, allow_pickle=allow_pickle)
+    names = subspace_modules(aligned, modules=modules, targets=targets, adapter=adapter)
+    check_pair(base, aligned, names)
+    shard_info = {}
+    if shard is not None:
+        from .shards import SHARD_KEY, shard_metadata, shard_modules
+
+        shard_info = {SHARD_KEY: shard_metadata(base, aligned, names, *shard)}
+        names = shard_modules(aligned, names, *shard)
+    bases = dict(stream_bases(base, aligned, names, settings, progress, device))
+    zero = [name for name, basis in bases.items() if basis.k == 0]
+    # one shard sees only its own modules: V = 0 in all of them is not V = 0 everywhere
+    warn_unaligned(zero, len(names) if shard is None else len(names) + 1, str(aligned.path))
+    metadata = stream_metadata(base, aligned, settings, [basis.sha256 for basis in bases.values()])
+    return Subspace(bases, metadata | shard_info)
