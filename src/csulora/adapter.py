@@ -69,6 +69,15 @@ class Adapter:
         """``(m, n)``: the update ``B @ A`` is ``out x in``, whatever the weight's stored layout."""
         return self.state[self.key(module, "B")].shape[0], self.state[self.key(module, "A")].shape[1]
 
+    def check_fits(self, module: str, shape: tuple[int, ...], what: str) -> None:
+        """``what`` (a weight, ``V`` or a subspace), of ``shape`` in the update's orientation, must fit the update."""
+        m, n = self.update_shape(module)
+        if tuple(shape) != (m, n):
+            raise CsuloraError(
+                f"{self.path}: module {module} updates a {m} x {n} weight but {what} is {' x '.join(map(str, shape))}; "
+                "was the adapter trained on a different model?"
+            )
+
     def factors(self, module: str, dtype: torch.dtype = torch.float64) -> LoraFactors:
         """``dW = s B A`` with ``B: out x r``, ``A: r x in`` (PEFT keeps this order for Conv1D too)."""
         return LoraFactors(

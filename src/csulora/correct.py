@@ -113,6 +113,11 @@ class Corrected:
     info: dict
 
 
+def _check_lam(lam: float) -> None:
+    if lam < 0 or math.isnan(lam):
+        raise CsuloraError(f"--lam must be >= 0, got {lam}")
+
+
 def csulora_update(lora: LoraFactors, U: torch.Tensor, R: torch.Tensor, lam: float) -> Corrected:
     """The closest safe update ``F + kappa_H H + kappa_O O`` as a LoRA of rank at most 2r.
 
@@ -120,8 +125,7 @@ def csulora_update(lora: LoraFactors, U: torch.Tensor, R: torch.Tensor, lam: flo
     ``B' = [B_in + kH B_out, (kO - kH^2) B_out]`` and ``A' = [A_in + kH A_out ; A_out]``.
     The second block is dropped when its coefficient is zero (``lam = 0``: the adapter itself).
     """
-    if lam < 0 or math.isnan(lam):
-        raise CsuloraError(f"--lam must be >= 0, got {lam}")
+    _check_lam(lam)
     d = decompose(lora, U, R)
     k_h, k_o = attenuation(lam, d.rho_h), attenuation(lam, d.rho_o)
     info = _decomposition_info(d) | {"kappa_h": k_h, "kappa_o": k_o}
@@ -168,8 +172,7 @@ def csulora_dir_update(lora: LoraFactors, U: torch.Tensor, R: torch.Tensor, lam:
     ``dW* = sum_i sigma_i (P_L u_i + kappa_i Q_L u_i) v_i^T`` with ``rho_i = ||U^T u_i||^2`` and
     ``kappa_i = 1 / (1 + lam (1 - rho_i))``. Rank r exactly.
     """
-    if lam < 0 or math.isnan(lam):
-        raise CsuloraError(f"--lam must be >= 0, got {lam}")
+    _check_lam(lam)
     d = decompose(lora, U, R)
     u, sigma, v = thin_svd(lora)
     u_in = U @ (U.T @ u)

@@ -133,13 +133,8 @@ class AdapterSubspace:
         return stream_metadata(self.pair.base, self.pair.aligned, self.settings, [b.sha256 for b in used])
 
     def _oriented(self, module: str, name: str, basis: ModuleBasis, where: str) -> ModuleBasisFor:
-        m, n = self.adapter.update_shape(module)
         U, R = (basis.R, basis.U) if self.adapter.fan_in_fan_out else (basis.U, basis.R)
-        if U.shape[0] != m or R.shape[0] != n:
-            raise CsuloraError(
-                f"{self.adapter.path}: module {module} updates a {m} x {n} weight but the subspace {where} is for "
-                f"{U.shape[0]} x {R.shape[0]}; was the adapter trained on another model?"
-            )
+        self.adapter.check_fits(module, (U.shape[0], R.shape[0]), f"the subspace {where} is for")
         return ModuleBasisFor(module, name, U.to(torch.float64), R.to(torch.float64), basis.sha256)
 
 
@@ -157,13 +152,8 @@ def adapter_deltas(adapter: Adapter, pair: Pair) -> Iterator[ModuleDelta]:
     """Each adapter module's ``V``, in the adapter's order, read while the caller works on the previous one."""
     names = subspace_modules(pair.aligned, modules=adapter.modules, targets=None, adapter=None)
     for module, delta in zip(adapter.modules, iter_deltas(pair.base, pair.aligned, names), strict=True):
-        m, n = adapter.update_shape(module)
         V = delta.V.T if adapter.fan_in_fan_out else delta.V
-        if tuple(V.shape) != (m, n):
-            raise CsuloraError(
-                f"{adapter.path}: module {module} updates a {m} x {n} weight but the checkpoint weight is "
-                f"{V.shape[0]} x {V.shape[1]}; was the adapter trained on a different model?"
-            )
+        adapter.check_fits(module, tuple(V.shape), f"the weight in {pair.aligned.path}")
         yield ModuleDelta(module, delta.module, V.to(torch.float64), delta.negligible)
 
 

@@ -146,14 +146,9 @@ def subspace_modules(
 
 def _check_adapter_fits(adapter: Adapter, aligned: Checkpoint, module: str) -> None:
     """The adapter's update for ``module`` must have the shape of the checkpoint's weight."""
-    m, n = adapter.update_shape(module)
-    stored = aligned.shape(aligned.weight_key(module))
-    expected = (n, m) if adapter.fan_in_fan_out else (m, n)
-    if tuple(stored) != expected:
-        raise CsuloraError(
-            f"{adapter.path}: module {module} updates a {m} x {n} weight but {aligned.path} stores "
-            f"{' x '.join(map(str, stored))}; was the adapter trained on a different model?"
-        )
+    stored = tuple(aligned.shape(aligned.weight_key(module)))
+    shape = stored[::-1] if adapter.fan_in_fan_out else stored  # a Conv1D stores in x out
+    adapter.check_fits(module, shape, f"the weight in {aligned.path}")
 
 
 def stream_bases(
