@@ -20,11 +20,13 @@ from csulora.methods import (
     METHODS,
     MethodParams,
     ModuleInputs,
+    Needs,
     Settings,
     Sweep,
     define_method,
     get_method,
     lab_sweep,
+    method_needs,
     register,
     setting,
     unregister,
@@ -192,6 +194,8 @@ def test_method_params_keep_their_old_behaviour():
     assert params.lam == 2.0 and params.threshold == 0.5 and params.factor is None and params.seed == 0
     assert get_method("csulora").settings_from(params).as_dict() == {"lam": 2.0, "rank_mode": "exact"}
     assert get_method("scale").settings_from(params).as_dict() == {"factor": None, "match_lam": None, "lam": 2.0}
+    assert method_needs("scale", {"factor": 0.5}) is Needs.NOTHING and method_needs("scale") is Needs.BASIS
+    assert method_needs("safelora") is Needs.DELTA
     with pytest.raises(CsuloraError, match="--num-proj-layers must be >= 0"):
         MethodParams(num_proj_layers=-2)
     with pytest.raises(CsuloraError, match="--select must be 'threshold' or 'number'"):

@@ -204,7 +204,7 @@ def run_label(method: str, params: dict) -> str:
 
 def correct_all(config: LabConfig, art: Artifacts, adapters_dir: Path, *, quiet: bool = False) -> list[dict]:
     """Write one corrected adapter per sweep point (same calls as ``csulora correct``)."""
-    from ..methods import Needs, get_method
+    from ..methods import Needs, method_needs
     from ..pipeline import REPORT_NAME, correct_adapter
 
     labels = {run_label(method, params) for method, params in sweep(config)}
@@ -217,8 +217,7 @@ def correct_all(config: LabConfig, art: Artifacts, adapters_dir: Path, *, quiet:
     runs = []
     for method, params in tqdm(sweep(config), desc="correct", disable=quiet, leave=False):
         out = adapters_dir / run_label(method, params)
-        spec = get_method(method)
-        needs_delta = spec.needs_for(spec.settings_from(params)) is Needs.DELTA  # the full V, not the subspace
+        needs_delta = method_needs(method, params) is Needs.DELTA  # the full V, not the subspace
         report = correct_adapter(
             art.lora,
             out,

@@ -48,6 +48,7 @@ __all__ = [
     "fit_rank",
     "get_method",
     "lab_sweep",
+    "method_needs",
     "methods_with_role",
     "random_basis",
     "register",
@@ -82,6 +83,12 @@ def get_method(name: str) -> Method:
     if name not in METHODS:
         raise CsuloraError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
     return METHODS[name]
+
+
+def method_needs(name: str, values: Mapping[str, Any] | None = None) -> Needs:
+    """What method ``name`` reads per module with these setting values (the lab picks its inputs by it)."""
+    method = get_method(name)
+    return method.needs_for(method.settings_from(values))
 
 
 def all_settings() -> dict[str, tuple[SettingSpec, list[str]]]:
