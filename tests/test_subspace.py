@@ -9,7 +9,7 @@ import pytest
 import torch
 from dense_reference import orthonormal
 
-from csulora import CsuloraError, compute_subspace, load_subspace
+from csulora import CsuloraError, compute_subspace, load_subspace, subspace
 from csulora.subspace import SubspaceSettings, adaptive_svd, choose_rank, module_basis, randomized_svd
 
 
@@ -89,6 +89,8 @@ SPECTRA = {
     "fast decay + 1% noise": (torch.exp(-_j / 3), 0.01),
     "decay + 10% noise": (torch.exp(-_j / 12), 0.1),
     "slow decay + 10% noise": (torch.exp(-_j / 30), 0.1),
+    # a real alignment displacement's law (benchmarks/spectra/), its tail beyond 120 values as noise
+    "power law 0.7 + tail noise": (_j.add(1) ** -0.7, 0.05),
 }
 
 
@@ -108,6 +110,38 @@ def test_adaptive_sketch_matches_exact_svd(spectrum, tau, seed):
     assert largest_angle_deg(R, Vh_ex[:k_exact].T) <= 1.0
     assert torch.allclose(s.double(), S_ex[:k_exact], rtol=1e-3)
     assert torch.allclose(U.T @ U, torch.eye(k_exact), atol=1e-5)
+
+
+@pytest.mark.parametrize("spectrum", ["power law 0.75", "power law 0.7 + tail noise", "decay + 10% noise"])
+def test_adaptive_sketch_stops_early_on_decaying_spectra(spectrum, monkeypatch):
+    """The Krylov space is accepted well before the full-width sketch: that is where the time goes."""
+    sigma, noise = SPECTRA[spectrum]
+    V = with_spectrum(600, 400, sigma, 0, noise)
+    total = float(torch.sum(V.double() ** 2))
+    products = []
+    real_matmul = torch.Tensor.__matmul__
+
+    def counting(a, b):
+        if a.shape == V.shape or a.shape == V.T.shape:
+            products.append(b.shape[1])
+        return real_matmul(a, b)
+
+    monkeypatch.setattr(subspace, "randomized_svd", None)  # the full-width fallback must not run
+    monkeypatch.setattr(torch.Tensor, "__matmul__", counting)
+    U, s, R = adaptive_svd(V, total, 0.8, max_rank=128)
+    # the full-width sketch multiplies V by (2 q + 2) blocks of 128 + 10 columns
+    assert 0 < sum(products) <= 6 * 138 / 2
+
+
+def test_adaptive_sketch_on_a_rank_deficient_matrix():
+    """An exactly rank-3 V: the Krylov space is invariant after one block; the basis is still exact."""
+    V = with_spectrum(300, 200, torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64), seed=6)
+    total = float(torch.sum(V.double() ** 2))
+    U, s, R = adaptive_svd(V, total, 0.99, max_rank=64)
+    U_ex, S_ex, Vh_ex = torch.linalg.svd(V.double(), full_matrices=False)
+    assert len(s) == 3
+    assert largest_angle_deg(U, U_ex[:, :3]) <= 1.0 and largest_angle_deg(R, Vh_ex[:3].T) <= 1.0
+    assert torch.allclose(U.T @ U, torch.eye(3), atol=1e-5) and torch.allclose(R.T @ R, torch.eye(3), atol=1e-5)
 
 
 def test_adaptive_sketch_at_the_cap_is_the_full_width_sketch():

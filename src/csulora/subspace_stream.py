@@ -25,7 +25,7 @@ from .checkpoint import Checkpoint, tensor_digest
 from .device import resolve_device
 from .errors import CsuloraError, CsuloraWarning
 from .memory import release_freed_memory
-from .subspace import ADAPTIVE_START_RANK, ModuleBasis, Subspace, SubspaceSettings, chained_digests, module_basis
+from .subspace import KRYLOV_BLOCK, ModuleBasis, Subspace, SubspaceSettings, chained_digests, module_basis
 from .threads import sketch_flops, threads_for, torch_threads
 
 NEGLIGIBLE = 1e-6  # ||V||_F below this fraction of ||W_aligned||_F is rounding noise, not alignment
@@ -170,7 +170,7 @@ def stream_bases(
             if negligible:  # no direction to protect: do not invent one from rounding noise
                 basis = empty_basis(m, n, float(torch.linalg.vector_norm(V)) ** 2)
             else:
-                width = (settings.rank or ADAPTIVE_START_RANK) + settings.oversample
+                width = (settings.rank or KRYLOV_BLOCK) + settings.oversample
                 with torch_threads(threads_for(sketch_flops(m, n, width, settings.power_iters))):
                     basis = module_basis(V.to(target), settings)
             del V
