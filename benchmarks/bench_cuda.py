@@ -71,6 +71,7 @@ def main() -> int:
     parser.add_argument("--reuse", action="store_true", help="reuse checkpoints already in --workdir")
     parser.add_argument("--max-angle", type=float, default=1.0, help="degrees (1.0)")
     parser.add_argument("--rtol", type=float, default=1e-3, help="relative tolerance on sigma (1e-3)")
+    parser.add_argument("--json", type=Path, help="also write the timings and per-module rows here")
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("no CUDA device here; pass --device cpu for a dry run", file=sys.stderr)
@@ -106,6 +107,13 @@ def main() -> int:
         f"{args.shape}, first {args.layers} layers, {len(rows)} modules: {args.device} ({name}) {t_other:.1f} s, "
         f"cpu ({torch.get_num_threads()} threads) {t_cpu:.1f} s; {len(rows) - len(bad)}/{len(rows)} modules agree"
     )
+    if args.json:
+        summary = {"shape": args.shape, "layers": args.layers, "device": args.device, "device_name": name}
+        summary |= {"device_s": t_other, "cpu_s": t_cpu, "cpu_threads": torch.get_num_threads()}
+        summary |= {"modules": len(rows), "agree": len(rows) - len(bad), "rows": rows}
+        angles = [max(row["angle_U"], row["angle_R"]) for row in rows if "angle_U" in row]
+        summary["largest_angle_deg"] = max(angles, default=None)
+        args.json.write_text(json.dumps(summary, indent=2))
     return 1 if bad else 0
 
 

@@ -1,0 +1,281 @@
+"""Quiet-machine figures for issue 10, in one run on a lent machine (driven by ``device_check.sh``).
+
+Steps, each bounded in time; ``results.json`` is rewritten after every step, so a run cut short still
+returns what it measured:
+
+1. ``correct`` whole process at Llama-2-7B shape with a cached subspace (synthetic r=16 adapter on all
+   224 linear modules, synthetic subspace file with k = 24), pinned to 2 cores, 2 threads; plus
+   ``import torch`` and ``import csulora.cli`` alone for the import share.
+2. At Llama-3.2-1B shape with the real pair's power-law spectra (``benchmarks/spectra/``): the read
+   floor (both checkpoints' target weights streamed, no compute) cold and warm, then ``csulora
+   subspace`` with the adaptive (block Krylov) sketch and with the full-width sketch (``--full-width``:
+   ``randomized_svd(V, max_rank)`` truncated to k, the behaviour before the adaptive sketch), both
+   cold, pinned to 2 cores, 2 threads; k per module and largest angles between the two.
+3. ``bench_cuda.py`` at Llama-2-7B shape (first ``--cuda-layers`` layers) on the GPU against the CPU
+   reference on every core.
+
+Pinned runs use ``taskset -c 0,1`` and ``OMP_NUM_THREADS=2``; CPU seconds come from ``getrusage`` of
+the children. Generation and the CPU reference of step 3 use every core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from bench_scale import SHAPES, TARGETS, evict, tensor_shapes, write_adapter, write_pair  # noqa: E402
+
+PINNED = ["taskset", "-c", "0,1"] if shutil.which("taskset") else []  # results.json says which
+SPECTRA = HERE / "spectra" / "smollm2-135m-refusal-sft.json"
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def run_child(cmd: list[str], timeout: float, pinned: bool = True) -> dict:
+    """Wall and CPU seconds (children's rusage) of one child process, pinned to 2 cores and 2 threads."""
+    env = dict(os.environ)
+    if pinned:
+        env |= {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
+        cmd = PINNED + cmd
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=max(1.0, timeout))
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    if proc.returncode:
+        tail = f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{tail}")
+    return {"wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "stdout": proc.stdout}
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "csulora.cli", *args]
+
+
+def machine() -> dict:
+    model = next(
+        (row.split(":", 1)[1].strip() for row in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in row),
+        platform.processor(),
+    )
+    info = {
+        "cpu_model": model,
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "load_average": os.getloadavg(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+# -- step 1: correct at 7B shape with a cached subspace ---------------------------------------------
+def synthetic_subspace(cfg: dict, path: Path, k: int) -> None:
+    from csulora.subspace import ModuleBasis, Subspace
+
+    g = torch.Generator().manual_seed(2)
+    bases = {}
+    for name, shape, target in tensor_shapes(cfg):
+        if target:
+            m, n = shape
+            U = torch.linalg.qr(torch.randn(m, k, generator=g))[0]
+            R = torch.linalg.qr(torch.randn(n, k, generator=g))[0]
+            sigma = torch.arange(k, 0, -1, dtype=torch.float32)
+            bases[name[: -len(".weight")]] = ModuleBasis(U, R, sigma, float(torch.sum(sigma**2)) / 0.8)
+    Subspace(bases, {"settings": {"energy": 0.8}}).save(path, force=True)
+
+
+def step_correct(work: Path, shape: str, results: dict, deadline: float) -> None:
+    cfg = dict(SHAPES[shape])
+    adapter = write_adapter(work, cfg, work / "no-model")
+    sub = work / "subspace.safetensors"
+    synthetic_subspace(cfg, sub, k=24)
+    out = work / "corrected"
+    rows = {
+        "import_torch": run_child([sys.executable, "-c", "import torch"], deadline - time.time()),
+        "import_csulora_cli": run_child([sys.executable, "-c", "import csulora.cli"], deadline - time.time()),
+    }
+    runs = []
+    for _ in range(3):
+        shutil.rmtree(out, ignore_errors=True)
+        cmd = cli("correct", str(adapter), "-o", str(out), "--subspace", str(sub), "-q")
+        runs.append(run_child(cmd, deadline - time.time()))
+    rows["correct_runs"] = [{k: v for k, v in r.items() if k != "stdout"} for r in runs]
+    rows["correct_best"] = min(rows["correct_runs"], key=lambda r: r["wall_s"])
+    for r in rows.values():
+        if isinstance(r, dict):
+            r.pop("stdout", None)
+    results["correct_7b"] = rows | {"modules": sum(t for _, _, t in tensor_shapes(cfg)), "r": 16, "k": 24}
+
+
+# -- step 2: 1B subspace, read floor, adaptive against full width ------------------------------------
+def full_width_worker(argv: list[str]) -> None:
+    """``csulora subspace`` with energy mode's sketch forced to the full width (the behaviour before)."""
+    from csulora import cli as csulora_cli
+    from csulora import subspace
+
+    def full_width(V, total_energy, tau, max_rank, *, oversample=10, power_iters=2, seed=0):
+        U, sigma, R = subspace.randomized_svd(V, max_rank, oversample=oversample, power_iters=power_iters, seed=seed)
+        k = subspace.choose_rank(sigma, total_energy, tau, min(max_rank, *V.shape))
+        return U[:, :k], sigma[:k], R[:, :k]
+
+    subspace.adaptive_svd = full_width
+    sys.exit(csulora_cli.main(argv))
+
+
+def compare_subspaces(a_path: Path, b_path: Path) -> dict:
+    from csulora.subspace import load_subspace
+
+    a, b = load_subspace(a_path), load_subspace(b_path)
+    same_k, angles, ks = 0, [], []
+    for name in a.modules():
+        x, y = a[name], b[name]
+        ks.append(x.k)
+        if x.k == y.k:
+            same_k += 1
+            for P, Q in ((x.U, y.U), (x.R, y.R)):
+                cosine = float(torch.linalg.svdvals(P.double().T @ Q.double()).min())
+                angles.append(math.degrees(math.acos(min(1.0, cosine))))
+    return {
+        "modules": len(ks),
+        "same_k": same_k,
+        "k_min_median_max": [min(ks), sorted(ks)[len(ks) // 2], max(ks)] if ks else None,
+        "largest_angle_deg": max(angles) if angles else None,
+    }
+
+
+def step_subspace(work: Path, shape: str, layers: int | None, results: dict, deadline: float) -> None:
+    cfg = dict(SHAPES[shape]) | ({"num_hidden_layers": layers} if layers else {})
+    laws = {kind: row["alpha"] for kind, row in json.loads(SPECTRA.read_text())["types"].items()}
+    t = time.perf_counter()
+    base, aligned = write_pair(work, cfg, 2**30, laws=laws)
+    rows: dict = {"layers": cfg["num_hidden_layers"], "generate_s": round(time.perf_counter() - t, 1)}
+    results["subspace_1b"] = rows
+    log(f"pair written in {rows['generate_s']} s")
+    from csulora.checkpoint import Checkpoint
+
+    modules = ",".join(Checkpoint(aligned).linear_modules(TARGETS))
+    read = [sys.executable, str(HERE / "bench_scale.py"), "--read-worker", "--modules", modules]
+    read += ["--base", str(base), "--aligned", str(aligned)]
+    for label in ("read_floor_cold", "read_floor_warm"):
+        if label.endswith("cold"):
+            evict([base, aligned])
+        r = run_child(read, deadline - time.time())
+        rows[label] = {k: v for k, v in r.items() if k != "stdout"} | json.loads(r["stdout"].strip().splitlines()[-1])
+        log(f"{label}: {rows[label]}")
+    common = ["--base", str(base), "--aligned", str(aligned), "--targets", ",".join(TARGETS), "--force", "-q"]
+    outputs = {}
+    for label, cmd in (
+        ("subspace_adaptive", cli("subspace", *common, "-o", str(work / "adaptive.safetensors"))),
+        (
+            "subspace_full_width",
+            [
+                sys.executable,
+                __file__,
+                "--full-width-worker",
+                "subspace",
+                *common,
+                "-o",
+                str(work / "full.safetensors"),
+            ],
+        ),
+    ):
+        evict([base, aligned])
+        r = run_child(cmd, deadline - time.time())
+        rows[label] = {k: v for k, v in r.items() if k != "stdout"}
+        outputs[label] = Path(cmd[cmd.index("-o") + 1])
+        log(f"{label}: {rows[label]}")
+        write(results)
+    rows["adaptive_vs_full_width"] = compare_subspaces(outputs["subspace_full_width"], outputs["subspace_adaptive"])
+    floor = rows["read_floor_cold"]
+    for label in ("subspace_adaptive", "subspace_full_width"):
+        rows[label]["over_cold_read_floor_wall"] = round(rows[label]["wall_s"] / floor["wall_s"], 2)
+        rows[label]["over_cold_read_floor_cpu"] = round(rows[label]["cpu_s"] / floor["cpu_s"], 2)
+    rows["speedup_cpu"] = round(rows["subspace_full_width"]["cpu_s"] / rows["subspace_adaptive"]["cpu_s"], 2)
+    rows["speedup_wall"] = round(rows["subspace_full_width"]["wall_s"] / rows["subspace_adaptive"]["wall_s"], 2)
+
+
+# -- step 3: the GPU against the CPU ------------------------------------------------------------------
+def step_cuda(work: Path, shape: str, layers: int, device: str, results: dict, deadline: float) -> None:
+    report = work / "bench_cuda.json"
+    cmd = [sys.executable, str(HERE / "bench_cuda.py"), "--shape", shape, "--layers", str(layers), "--device", device]
+    cmd += ["--workdir", str(work), "--spectra", str(SPECTRA), "--json", str(report)]
+    env_start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(1.0, deadline - time.time()))
+    results["cuda"] = {"wall_s": round(time.perf_counter() - env_start, 1), "returncode": proc.returncode}
+    print(proc.stdout[-6000:], proc.stderr[-3000:], flush=True)
+    if report.is_file():
+        results["cuda"] |= json.loads(report.read_text())
+
+
+OUT_FILE: Path = Path("results.json")
+
+
+def write(results: dict) -> None:
+    OUT_FILE.write_text(json.dumps(results, indent=2))
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--full-width-worker":
+        full_width_worker(sys.argv[2:])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="results.json goes here")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/csulora-device-check"))
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes and the CPU as 'device': a dry run")
+    parser.add_argument("--budget", type=float, default=400.0, help="seconds for all steps (400)")
+    parser.add_argument("--cuda-layers", type=int, default=2, help="7B layers compared on the GPU (2)")
+    parser.add_argument("--layers-1b", type=int, default=None, help="1B layers (default all 16)")
+    parser.add_argument("--steps", default="correct_7b,subspace_1b,cuda", help="which steps (all three)")
+    args = parser.parse_args()
+    global OUT_FILE
+    args.out.mkdir(parents=True, exist_ok=True)
+    OUT_FILE = args.out / "results.json"
+    start = time.time()
+    big, small = ("tiny", "tiny") if args.tiny else ("llama2-7b", "llama3.2-1b")
+    device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
+    pinned = "taskset -c 0,1, " if PINNED else "NOT pinned (no taskset), "
+    results: dict = {"machine": machine(), "tiny": args.tiny, "pinned": pinned + "OMP_NUM_THREADS=2"}
+    write(results)
+    # budget shares: correct 15%, 1B subspace 55%, GPU check the rest
+    steps = (
+        ("correct_7b", 0.15, lambda d: step_correct(args.workdir / "correct", big, results, d)),
+        ("subspace_1b", 0.70, lambda d: step_subspace(args.workdir / "sub1b", small, args.layers_1b, results, d)),
+        ("cuda", 1.0, lambda d: step_cuda(args.workdir / "cuda", big, args.cuda_layers, device, results, d)),
+    )
+    for label, share, step in steps:
+        if label not in args.steps.split(","):
+            continue
+        deadline = start + share * args.budget
+        log(f"{label}: until +{deadline - start:.0f} s")
+        try:
+            step(deadline)
+        except Exception as exc:  # keep going: later steps still report
+            results.setdefault("errors", {})[label] = f"{type(exc).__name__}: {exc}"[:3000]
+            log(f"{label} FAILED: {exc}")
+        shutil.rmtree(args.workdir / {"correct_7b": "correct", "subspace_1b": "sub1b", "cuda": "cuda"}[label], True)
+        results["elapsed_s"] = round(time.time() - start, 1)
+        write(results)
+    log(json.dumps(results, indent=2))
+    return 1 if results.get("errors") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
