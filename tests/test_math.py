@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from csulora.correct import (
     LoraFactors,
+    all_finite,
     csulora_dir_update,
     csulora_update,
     decompose,
@@ -175,3 +176,23 @@ def test_truncation_split_is_balanced():
     norms_b = torch.linalg.vector_norm(kept.B, dim=0)
     norms_a = torch.linalg.vector_norm(kept.A, dim=1)
     assert torch.allclose(norms_b, norms_a)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.float64]),
+    size=st.integers(0, 300),
+    bad=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.sampled_from([math.nan, math.inf, -math.inf]))),
+    huge=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_all_finite_agrees_with_isfinite(dtype, size, bad, huge, seed):
+    """The fast check is torch.isfinite(t).all(), also where finite values overflow the sum."""
+    t = torch.randn(size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    if huge:  # finite values whose sum overflows the dtype
+        t = t.sign() * torch.finfo(dtype).max
+    t = t.to(dtype)
+    for where, value in bad if size else []:
+        t[int(where * size)] = value
+    assert all_finite(t) == bool(torch.isfinite(t).all())
+    assert all_finite(t.reshape(-1, 1) if size else t) == bool(torch.isfinite(t).all())

@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .checkpoint import first_line, floating, natural_key, read_failure, resolve_local
-from .correct import LoraFactors
+from .correct import LoraFactors, all_finite
 from .errors import CsuloraError
 
 CONFIG_NAME = "adapter_config.json"
@@ -222,7 +222,7 @@ def _check_module(adapter: Adapter, module: str) -> None:
     scale = adapter.scale(module)
     if not math.isfinite(scale * scale):
         raise CsuloraError(f"{where}: the scaling lora_alpha / r = {scale:.3g} is out of range")
-    if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+    if not (all_finite(A) and all_finite(B)):
         raise CsuloraError(f"{where}: NaN or Inf in the LoRA weights")
 
 
@@ -249,7 +249,7 @@ def write_adapter(adapter: Adapter, out: Path, corrected: dict[str, LoraFactors]
         config["rank_pattern"] = _prepend(new_ranks, config.get("rank_pattern") or {})
         config["alpha_pattern"] = _prepend(new_alphas, config.get("alpha_pattern") or {})
     for key, tensor in state.items():
-        if not torch.isfinite(tensor).all():  # e.g. a float32 result past the range of a float16 adapter
+        if not all_finite(tensor):  # e.g. a float32 result past the range of a float16 adapter
             raise CsuloraError(f"{adapter.path}: the corrected {key} is not finite in {tensor.dtype}")
     for item in adapter.path.iterdir():
         if item.is_file() and item.name not in (CONFIG_NAME, WEIGHTS_NAME, PICKLE_WEIGHTS_NAME):

@@ -18,6 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .checkpoint import read_failure
+from .correct import all_finite
 from .errors import CsuloraError
 from .io_utils import atomic_file
 
@@ -282,7 +283,7 @@ class Subspace:
             "modules": self.module_metadata(),
         }
         for key, tensor in tensors.items():
-            if not torch.isfinite(tensor).all():
+            if not all_finite(tensor):
                 raise CsuloraError(f"{path}: subspace tensor {key} is not finite; nothing written")
         with atomic_file(path, force=force, owned=is_subspace_file) as tmp:
             save_file(tensors, str(tmp), metadata={"csulora": json.dumps(document, allow_nan=False)})
@@ -353,7 +354,7 @@ def check_basis(basis: ModuleBasis, meta: dict, where: str) -> None:
     for part, tensor in (("U", U), ("R", R), ("sigma", sigma)):
         if not tensor.dtype.is_floating_point or tensor.dtype.itemsize == 1:
             raise CsuloraError(f"{where}: {part} has dtype {tensor.dtype}, expected float32")
-        if not torch.isfinite(tensor).all():
+        if not all_finite(tensor):
             raise CsuloraError(f"{where}: {part} has NaN or Inf values")
     k = meta["k"]
     if U.dim() != 2 or R.dim() != 2 or sigma.dim() != 1 or [U.shape[0], R.shape[0]] != meta["shape"]:
