@@ -241,7 +241,7 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/csulora-device-check"))
     parser.add_argument("--tiny", action="store_true", help="tiny shapes and the CPU as 'device': a dry run")
     parser.add_argument("--budget", type=float, default=400.0, help="seconds for all steps (400)")
-    parser.add_argument("--cuda-layers", type=int, default=2, help="7B layers compared on the GPU (2)")
+    parser.add_argument("--cuda-layers", type=int, default=4, help="7B layers compared on the GPU (4)")
     parser.add_argument("--layers-1b", type=int, default=None, help="1B layers (default all 16)")
     parser.add_argument("--steps", default="correct_7b,subspace_1b,cuda", help="which steps (all three)")
     args = parser.parse_args()
