@@ -66,6 +66,38 @@ def format_prompts(tokenizer, prompts: list[str], chat_template: bool = True) ->
     ]
 
 
+def end_of_turn_id(tokenizer) -> int | None:
+    """The special token that closes an assistant turn in the chat template (``<|im_end|>`` in ChatML).
+
+    Read from the template itself, not from ``tokenizer.eos_token``: transformers 5.17 loads
+    SmolLM2's GGUF tokenizer with ``eos_token = <|im_start|>``, and a model trained to end its answers
+    with that, or a generation that stops only there, runs on into an invented next turn.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    marker = "csulora-end-of-turn-marker"
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False
+        )
+    except Exception:  # a template without an assistant role: nothing to read
+        return None
+    after = tokenizer(text.split(marker, 1)[-1], add_special_tokens=False)["input_ids"]
+    # special or added (that tokenizer lists <|im_end|> among the added tokens, not the special ones)
+    marks = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
+    return after[0] if after and after[0] in marks else None
+
+
+def stop_ids(model, tokenizer) -> list[int]:
+    """Generation stops at the model's end-of-sequence token(s) and at the chat template's end of turn."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [configured] if isinstance(configured, int) else list(configured or [])
+    for extra in (end_of_turn_id(tokenizer), tokenizer.eos_token_id):
+        if extra is not None and extra not in ids:
+            ids.append(extra)
+    return ids
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -86,18 +118,25 @@ def generate(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    outputs: list[str] = []
+    stop = stop_ids(model, tokenizer)
+    # Batches of similar length waste little on padding; outputs are put back in the input order.
+    lengths = [len(ids) for ids in tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"]]
+    order = sorted(range(len(texts)), key=lambda i: (-lengths[i], i))
+    outputs: list[str] = [""] * len(texts)
     starts = range(0, len(texts), batch_size)
     for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
+        rows = order[start : start + batch_size]
         batch = tokenizer(
-            texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=add_special_tokens
+            [texts[i] for i in rows], return_tensors="pt", padding=True, add_special_tokens=add_special_tokens
         ).to(model.device)
         tokens = model.generate(
             **batch,
             do_sample=False,
             max_new_tokens=max_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=stop,
         )
         new = tokens[:, batch["input_ids"].shape[1] :]
-        outputs.extend(text.strip() for text in tokenizer.batch_decode(new, skip_special_tokens=True))
+        for i, text in zip(rows, tokenizer.batch_decode(new, skip_special_tokens=True), strict=True):
+            outputs[i] = text.strip()
     return outputs

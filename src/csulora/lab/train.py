@@ -68,15 +68,25 @@ def new_model(tokenizer, shape: ModelShape, seed: int):
     return LlamaForCausalLM(config)
 
 
-def encode(tokenizer, examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(input_ids, labels)`` right-padded; the loss sees only the response and its end token."""
+def encode(
+    tokenizer, examples: list[Example], prompt_format=format_prompt, end_id: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, labels)`` right-padded; the loss sees only the response and its end token.
+
+    ``prompt_format`` turns a prompt into the text before the response (the lab's own chat format by
+    default; a real model's chat template for the smollm2 world). ``end_id`` ends each response (the
+    chat template's end of turn; the tokenizer's end-of-sequence token by default). Padding positions
+    have label -100.
+    """
     rows = []
     for ex in examples:
-        prompt = tokenizer(format_prompt(ex.prompt), add_special_tokens=False)["input_ids"]
-        response = tokenizer(ex.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        prompt = tokenizer(prompt_format(ex.prompt), add_special_tokens=False)["input_ids"]
+        end = tokenizer.eos_token_id if end_id is None else end_id
+        response = tokenizer(ex.response, add_special_tokens=False)["input_ids"] + [end]
         rows.append((prompt + response, [-100] * len(prompt) + response))
     length = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), length), tokenizer.pad_token_id)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    input_ids = torch.full((len(rows), length), pad)
     labels = torch.full((len(rows), length), -100)
     for i, (ids, target) in enumerate(rows):
         input_ids[i, : len(ids)] = torch.tensor(ids)
@@ -101,9 +111,25 @@ def learning_rate(step: int, schedule: Schedule) -> float:
     return schedule.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def fit(model, tokenizer, examples: list[Example], schedule: Schedule, seed: int, desc: str, progress: bool = True):
-    """Train the model's trainable parameters on ``examples`` (epochs in a seeded order)."""
-    input_ids, labels = encode(tokenizer, examples)
+def fit(
+    model,
+    tokenizer,
+    examples: list[Example],
+    schedule: Schedule,
+    seed: int,
+    desc: str,
+    progress: bool = True,
+    prompt_format=format_prompt,
+    end_id: int | None = None,
+):
+    """Train the model's trainable parameters on ``examples`` (epochs in a seeded order).
+
+    The attention mask comes from each row's length, not from the pad token: a real chat model's pad
+    token can be its end-of-turn token, which also occurs inside the chat template.
+    """
+    input_ids, labels = encode(tokenizer, examples, prompt_format, end_id)
+    lengths = torch.tensor([int((row != -100).nonzero().max()) + 1 for row in labels])
+    device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=schedule.lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
@@ -114,12 +140,12 @@ def fit(model, tokenizer, examples: list[Example], schedule: Schedule, seed: int
         if len(order) < schedule.batch_size:
             order = torch.cat([order, torch.randperm(len(examples), generator=generator)])
         index, order = order[: schedule.batch_size], order[schedule.batch_size :]
-        ids, target = input_ids[index], labels[index]
-        width = int((ids != tokenizer.pad_token_id).sum(1).max())
-        ids, target = ids[:, :width], target[:, :width]
+        width = int(lengths[index].max())
+        ids, target = input_ids[index, :width].to(device), labels[index, :width].to(device)
+        mask = (torch.arange(width)[None, :] < lengths[index][:, None]).long().to(device)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, schedule)
-        loss = model(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long(), labels=target).loss
+        loss = model(input_ids=ids, attention_mask=mask, labels=target).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
