@@ -15,7 +15,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -202,7 +202,23 @@ def run_label(method: str, params: dict) -> str:
     return f"{method}-{knobs}" if knobs else method
 
 
-def correct_all(config: LabConfig, art: Artifacts, adapters_dir: Path, *, quiet: bool = False) -> list[dict]:
+class CorrectionInputs(Protocol):
+    """What ``correct_all`` reads: the lab's ``Artifacts`` or the smollm2 study's paths."""
+
+    @property
+    def base(self) -> Path: ...
+
+    @property
+    def aligned(self) -> Path: ...
+
+    @property
+    def lora(self) -> Path: ...
+
+    @property
+    def subspace(self) -> Path: ...
+
+
+def correct_all(config: LabConfig, art: CorrectionInputs, adapters_dir: Path, *, quiet: bool = False) -> list[dict]:
     """Write one corrected adapter per sweep point (same calls as ``csulora correct``)."""
     from ..methods import Needs, method_needs
     from ..pipeline import REPORT_NAME, correct_adapter

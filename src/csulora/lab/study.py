@@ -28,6 +28,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -404,7 +405,7 @@ def run_study(
                 )
     timings["evaluate"] = round(evaluator.seconds, 1)
 
-    document = {
+    document: dict[str, Any] = {
         "config": asdict(config) | {"study_version": STUDY_VERSION, "device": str(dev), "stages": list(stages)},
         "models": models,
         "attacks": attacks,

@@ -123,7 +123,7 @@ def summarise(document: dict, config) -> dict:
             for (m, k), rows in sorted(points.items(), key=lambda kv: (_rank(kv[0][0]), _knob_value(kv[0][1])))
         ]
         n = document["sizes"]["harmful"]
-        verdicts = {}
+        verdicts: dict = {}
         for judge, asr_key in (("keyword", "asr"), ("strict", "asr_strict")):
             verdicts[judge] = {}
             for control in methods_with_role("control"):
