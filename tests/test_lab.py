@@ -106,6 +106,19 @@ def test_best_asr_keeping_only_counts_runs_that_keep_as_much_utility():
     assert report.best_asr_keeping(points, 0.25) == pytest.approx(0.6)
     assert report.best_asr_keeping(points, 0.0) == pytest.approx(0.2)
     assert report.best_asr_keeping(points, 1.0) == pytest.approx(1.0)
+    assert report.best_asr_keeping(points, 1.05) is None
+
+
+def test_a_point_keeping_more_utility_than_any_competitor_is_not_compared():
+    """A correction can score above the uncorrected LoRA (utility kept > 1: the verdict crashed on such a
+    point in a default-size run); no control keeps that much, so the point has no fair competitor."""
+    models = {"aligned": {"asr": 0.1, "utility": 0.0}, "lora": {"asr": 1.0, "utility": 0.8}}
+    cs = [_run("csulora", 1.05, 0.9), _run("csulora", 0.5, 0.3)]
+    controls = [_run(m, k, 0.6) for m in ("scale", "random") for k in (0.0, 0.6)]
+    result = report.verdict(models, cs + controls, n_harmful=48)
+    for c in result["comparisons"].values():
+        assert (c["points"], c["lower"], c["higher"]) == (1, 1, 0)
+    assert result["answer"] == "yes"
 
 
 def test_pareto_keeps_the_undominated_points():

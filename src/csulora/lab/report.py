@@ -35,9 +35,9 @@ def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return frontier[::-1]
 
 
-def best_asr_keeping(points: list[tuple[float, float]], kept: float) -> float:
-    """The lowest ASR any of ``points`` reached while keeping at least ``kept`` utility."""
-    return min(asr for k, asr in points if k >= kept - 1e-9)
+def best_asr_keeping(points: list[tuple[float, float]], kept: float) -> float | None:
+    """The lowest ASR any of ``points`` reached while keeping at least ``kept`` utility (None: none did)."""
+    return min((asr for k, asr in points if k >= kept - 1e-9), default=None)
 
 
 def method_order(results: list[dict]) -> list[str]:
@@ -56,10 +56,12 @@ def compare(results: list[dict], lora_asr: float, control: str, method: str | No
 
     At each of ``method``'s frontier points, the control's measured runs (and the uncorrected LoRA,
     the ``lam = 0`` end of every curve) that keep at least as much utility are the fair competitors;
-    the best of their ASRs is compared. Differences within ``tie`` (one prompt) are ties.
+    the best of their ASRs is compared. Differences within ``tie`` (one prompt) are ties. A point that
+    keeps more utility than the LoRA and every control run has no fair competitor and is left out.
     """
     reference = curve(results, control) + [(1.0, lora_asr)]
-    gaps = [best_asr_keeping(reference, kept) - asr for kept, asr in pareto(curve(results, method or subject()))]
+    matched = [(best_asr_keeping(reference, kept), asr) for kept, asr in pareto(curve(results, method or subject()))]
+    gaps = [competitor - asr for competitor, asr in matched if competitor is not None]
     lower = sum(gap > tie for gap in gaps)
     higher = sum(gap < -tie for gap in gaps)
     mean_gap = sum(gaps) / len(gaps) if gaps else None
