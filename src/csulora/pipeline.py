@@ -34,6 +34,7 @@ class ModuleResult:
     module: str  # the adapter's name
     name: str  # the checkpoint's name (the report's key)
     rank_in: int
+    energy_in: float  # ||s B A||_F^2 of the adapter's update, before correction
     corrected: Corrected
     k: int | None = None  # the subspace rank it was corrected with (None: the method read no subspace)
     unchanged: bool = False  # aligned - base is zero here, so the update was kept as it was
@@ -71,7 +72,7 @@ class Correction:
             "csulora_version": __version__,
             "adapter": str(adapter.path),
             "subspace": self.subspace,
-            "energy_before": sum(_energy(adapter.factors(m)) for m in adapter.modules),
+            "energy_before": sum(result.energy_in for result in self.modules),
             "energy_after": sum(_energy(result.corrected.lora) for result in self.modules),
             "unchanged_modules": [result.name for result in self.modules if result.unchanged],
             "modules": {result.name: result.report() for result in self.modules},
@@ -196,7 +197,9 @@ def run_correction(
                 corrected = spec.correct(lora, item.inputs, settings)
             # float32 is ample for storage (adapters are saved in fp32 or lower) and halves peak memory
             corrected = Corrected(_float32(corrected.lora), corrected.info)
-        results.append(ModuleResult(item.module, item.name, lora.rank, corrected, item.k, item.unaligned))
+        results.append(
+            ModuleResult(item.module, item.name, lora.rank, _energy(lora), corrected, item.k, item.unaligned)
+        )
     where = source.where if source is not None else str(pair.aligned.path if pair else adapter.path)
     warn_unaligned([r.name for r in results if r.unchanged], len(adapter.modules), where)
     if spec.finalize is not None:
