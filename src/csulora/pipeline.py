@@ -19,7 +19,7 @@ from .adapter import CONFIG_NAME, Adapter, load_adapter, write_adapter
 from .correct import Corrected, LoraFactors, frobenius_sq
 from .io_utils import atomic_dir, reserve_output, strict_json
 from .methods import DEFAULT_METHOD, Method, MethodParams, ModuleInputs, Needs, Settings, get_method
-from .sources import AdapterSubspace, ModuleBasisFor, Pair, adapter_deltas, open_pair
+from .sources import AdapterSubspace, Pair, adapter_deltas, open_pair
 from .subspace import Subspace, SubspaceSettings
 from .subspace_stream import warn_unaligned
 from .threads import correction_flops, threads_for, torch_threads
@@ -146,13 +146,13 @@ class _ModuleSource:
 
 
 def _module_sources(
-    adapter: Adapter, needs: Needs, source: AdapterSubspace | None, pair: Pair | None, used: list[ModuleBasisFor]
+    adapter: Adapter, needs: Needs, source: AdapterSubspace | None, pair: Pair | None, digests: list[dict | None]
 ) -> Iterator[_ModuleSource]:
-    """Each adapter module's inputs, in order; the bases read are appended to ``used``."""
+    """Each adapter module's inputs, in order; each basis read appends its weights' digests to ``digests``."""
     if needs is Needs.BASIS:
         assert source is not None
         for basis in source.bases():
-            used.append(basis)
+            digests.append(basis.sha256)  # the basis itself is released once its module is done
             inputs = ModuleInputs(basis.module, U=basis.U, R=basis.R)
             yield _ModuleSource(basis.module, basis.name, inputs, basis.k, basis.k == 0)
     elif needs is Needs.DELTA:
@@ -180,10 +180,10 @@ def run_correction(
     needs it). A module where aligned - base is zero keeps its update and is left out of ``finalize``.
     """
     needs = spec.needs_for(settings)
-    used: list[ModuleBasisFor] = []
+    digests: list[dict | None] = []
     results = []
     for item in tqdm(
-        _module_sources(adapter, needs, source, pair, used),
+        _module_sources(adapter, needs, source, pair, digests),
         total=len(adapter.modules),
         desc=spec.name,
         disable=not progress,
@@ -205,7 +205,7 @@ def run_correction(
     if spec.finalize is not None:
         final = spec.finalize(adapter.factors, {r.module: r.corrected for r in results if not r.unchanged}, settings)
         results = [r if r.unchanged else replace(r, corrected=final[r.module]) for r in results]
-    return Correction(spec.name, settings, results, source.metadata(used) if source is not None else None)
+    return Correction(spec.name, settings, results, source.metadata(digests) if source is not None else None)
 
 
 def _energy(lora: LoraFactors) -> float:

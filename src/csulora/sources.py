@@ -102,9 +102,10 @@ class AdapterSubspace:
     @property
     def where(self) -> str:
         """The file named in messages about the subspace: the subspace file, or the aligned checkpoint."""
-        if self.pair is None and self.given is not None:
-            return subspace_file_name(self.given)
-        return str(self.pair.aligned.path) if self.pair else str(self.adapter.path)
+        if self.pair is not None:
+            return str(self.pair.aligned.path)
+        assert self.given is not None  # __init__ refuses neither a subspace nor a pair
+        return subspace_file_name(self.given)
 
     def bases(self) -> Iterator[ModuleBasisFor]:
         adapter = self.adapter
@@ -125,12 +126,12 @@ class AdapterSubspace:
         for module, (name, basis) in zip(adapter.modules, streamed, strict=True):
             yield self._oriented(module, name, basis, "the subspace")
 
-    def metadata(self, used: list[ModuleBasisFor]) -> dict:
+    def metadata(self, digests: list[dict | None]) -> dict:
         """Where the subspace came from: the given one's metadata, or the pair's with the used bases' digests."""
         if self.given is not None:
             return self.given.metadata
         assert self.pair is not None
-        return stream_metadata(self.pair.base, self.pair.aligned, self.settings, [b.sha256 for b in used])
+        return stream_metadata(self.pair.base, self.pair.aligned, self.settings, digests)
 
     def _oriented(self, module: str, name: str, basis: ModuleBasis, where: str) -> ModuleBasisFor:
         U, R = (basis.R, basis.U) if self.adapter.fan_in_fan_out else (basis.U, basis.R)
