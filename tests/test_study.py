@@ -134,10 +134,9 @@ def test_the_study_runs_end_to_end_and_a_rerun_reuses_every_stage(tmp_path):
         *(f"lora-{v}-n{n}-seed{s}" for v in ("full", "patch") for n, s in ((4, 0), (4, 1), (2, 0))),
     }
     # every sweep point of both seeds and variants, each corrected through the API and evaluated
-    from csulora.lab.runner import sweep
-    from csulora.lab.study import lab_settings
+    from csulora.lab.study import sweep_points
 
-    assert len(doc["runs"]) == 2 * 2 * len(sweep(lab_settings(config, 0)))
+    assert len(doc["runs"]) == 2 * 2 * len(sweep_points(config, 0))
     for run in doc["runs"]:
         assert (Path(run["adapter"]) / "adapter_model.safetensors").is_file()
         assert 0.0 <= run["asr"] <= 1.0 and 0.0 <= run["asr_strict"] <= 1.0

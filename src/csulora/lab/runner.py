@@ -218,20 +218,22 @@ class CorrectionInputs(Protocol):
     def subspace(self) -> Path: ...
 
 
-def correct_all(config: LabConfig, art: CorrectionInputs, adapters_dir: Path, *, quiet: bool = False) -> list[dict]:
-    """Write one corrected adapter per sweep point (same calls as ``csulora correct``)."""
+def correct_all(
+    points: list[tuple[str, dict]], art: CorrectionInputs, adapters_dir: Path, *, quiet: bool = False
+) -> list[dict]:
+    """Write one corrected adapter per sweep point ``(method, settings)`` (same calls as ``csulora correct``)."""
     from ..methods import Needs, method_needs
     from ..pipeline import REPORT_NAME, correct_adapter
 
-    labels = {run_label(method, params) for method, params in sweep(config)}
-    if len(labels) != len(sweep(config)):
+    labels = {run_label(method, params) for method, params in points}
+    if len(labels) != len(points):
         raise CsuloraError("two sweep points share an output directory; make the sweep's knobs distinct")
     if adapters_dir.is_dir():  # drop corrections left by an earlier run with another sweep
         for stale in adapters_dir.iterdir():
             if stale.name not in labels and (stale / REPORT_NAME).is_file():
                 shutil.rmtree(stale)
     runs = []
-    for method, params in tqdm(sweep(config), desc="correct", disable=quiet, leave=False):
+    for method, params in tqdm(points, desc="correct", disable=quiet, leave=False):
         out = adapters_dir / run_label(method, params)
         needs_delta = method_needs(method, params) is Needs.DELTA  # the full V, not the subspace
         report = correct_adapter(
@@ -341,7 +343,7 @@ def _run_lab(out, size, seed, *, quiet, config) -> dict:
     cache = out / "cache" / f"{size}-seed{seed}-{config.key()}"
     art = build_artifacts(config, world, cache, quiet=quiet)
     trained = time.perf_counter()
-    runs = correct_all(config, art, out / "adapters", quiet=quiet)
+    runs = correct_all(sweep(config), art, out / "adapters", quiet=quiet)
     models, results = evaluate_all(config, world, art, runs, quiet=quiet)
     document = {
         "config": asdict(config) | {"csulora_version": __version__, "lab_version": LAB_VERSION},

@@ -26,7 +26,7 @@ import json
 import random
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -297,11 +297,11 @@ class Paths:
     subspace: Path
 
 
-def lab_settings(config: StudyConfig, seed: int):
-    """The synthetic lab's configuration carrying this study's sweep (``runner.sweep`` reads it)."""
-    from .runner import lab_config
+def sweep_points(config: StudyConfig, seed: int) -> list[tuple[str, dict]]:
+    """Every registered method over this study's knob grids (the lab's registry-generated sweep)."""
+    from ..methods import lab_sweep
 
-    return replace(lab_config("tiny", seed), grids={"lam": config.lams, "threshold": config.safelora_thresholds})
+    return lab_sweep({"lam": config.lams, "threshold": config.safelora_thresholds}, seed)
 
 
 def run_study(
@@ -388,7 +388,9 @@ def run_study(
                     subspace = compute_subspace(base, paths.aligned, adapter=paths.lora, settings=settings, device=dev)
                 subspace.save(paths.subspace)
             with timed("correct"):
-                points = correct_all(lab_settings(config, seed), paths, out / "adapters" / f"{variant}-seed{seed}")
+                points = correct_all(
+                    sweep_points(config, seed), paths, out / "adapters" / f"{variant}-seed{seed}", quiet=not progress
+                )
             for point in points:
                 name = f"{variant}-seed{seed}/{Path(point['adapter']).name}"
                 metrics = evaluator(name, paths.aligned, point["adapter"])
