@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -23,13 +22,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_scale import SHAPES, TARGETS, write_pair  # noqa: E402
-
-
-def largest_angle(A: torch.Tensor, B: torch.Tensor) -> float:
-    """Largest principal angle (degrees) between the column spaces of orthonormal A and B."""
-    cosine = float(torch.linalg.svdvals(A.double().T @ B.double()).min())
-    return math.degrees(math.acos(min(1.0, cosine)))
+from bench_scale import SHAPES, TARGETS, largest_angle, load_laws, write_pair  # noqa: E402
 
 
 def timed_subspace(base: Path, aligned: Path, device: str, settings):
@@ -82,7 +75,7 @@ def main() -> int:
     cfg = dict(SHAPES[args.shape]) | {"num_hidden_layers": args.layers}
     laws = None
     if args.spectra:
-        laws = {kind: row["alpha"] for kind, row in json.loads(args.spectra.read_text())["types"].items()}
+        laws = load_laws(args.spectra)
     work = args.workdir / f"{args.shape}-L{args.layers}{'-law' if laws else ''}"
     base, aligned = work / "base", work / "aligned"
     if not (args.reuse and (aligned / "model.safetensors.index.json").is_file()):

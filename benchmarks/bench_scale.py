@@ -343,8 +343,8 @@ def accuracy(base_dir: Path, aligned_dir: Path, exact_file: Path, modules: list[
                 captured = float(torch.linalg.norm(b.U.T.double() @ V.double()) ** 2)
                 best = float(torch.sum(S_e[:k].double() ** 2))
                 energy_ratios.append(captured / best)
-                angles_u.append(_largest_angle(b.U, U_e[:, :k]))
-                angles_r.append(_largest_angle(b.R, R_e[:, :k]))
+                angles_u.append(largest_angle(b.U, U_e[:, :k]))
+                angles_r.append(largest_angle(b.R, R_e[:, :k]))
             rows.append(
                 {
                     "p": p,
@@ -384,10 +384,15 @@ def overlap(base_dir: Path, aligned_dir: Path, modules: list[str]) -> dict:
     return {"read": read, "compute": compute, "pipelined": pipelined}
 
 
-def _largest_angle(A: torch.Tensor, B: torch.Tensor) -> float:
+def largest_angle(A: torch.Tensor, B: torch.Tensor) -> float:
     """Largest principal angle (degrees) between the column spaces of orthonormal A and B."""
     s = torch.linalg.svdvals(A.double().T @ B.double())
     return math.degrees(math.acos(min(1.0, float(s.min()))))
+
+
+def load_laws(path: Path) -> dict[str, float]:
+    """Module type -> alpha of ``sigma_i ~ i ** -alpha`` from a spectra file of ``real_spectra.py``."""
+    return {kind: row["alpha"] for kind, row in json.loads(path.read_text())["types"].items()}
 
 
 # -- the report -------------------------------------------------------------------------------------
@@ -423,7 +428,7 @@ def main() -> None:
         cfg["num_hidden_layers"] = args.layers
     laws = None
     if args.spectra:
-        laws = {kind: row["alpha"] for kind, row in json.loads(args.spectra.read_text())["types"].items()}
+        laws = load_laws(args.spectra)
     work = args.workdir / (args.shape + (f"-L{args.layers}" if args.layers else "") + ("-law" if laws else ""))
     work.mkdir(parents=True, exist_ok=True)
     base_dir, aligned_dir, adapter_dir = work / "base", work / "aligned", work / "adapter"

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import resource
@@ -37,7 +36,16 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_scale import SHAPES, TARGETS, evict, tensor_shapes, write_adapter, write_pair  # noqa: E402
+from bench_scale import (  # noqa: E402
+    SHAPES,
+    TARGETS,
+    evict,
+    largest_angle,
+    load_laws,
+    tensor_shapes,
+    write_adapter,
+    write_pair,
+)
 
 PINNED = ["taskset", "-c", "0,1"] if shutil.which("taskset") else []  # results.json says which
 SPECTRA = HERE / "spectra" / "smollm2-135m-refusal-sft.json"
@@ -151,9 +159,7 @@ def compare_subspaces(a_path: Path, b_path: Path) -> dict:
         ks.append(x.k)
         if x.k == y.k:
             same_k += 1
-            for P, Q in ((x.U, y.U), (x.R, y.R)):
-                cosine = float(torch.linalg.svdvals(P.double().T @ Q.double()).min())
-                angles.append(math.degrees(math.acos(min(1.0, cosine))))
+            angles += [largest_angle(x.U, y.U), largest_angle(x.R, y.R)]
     return {
         "modules": len(ks),
         "same_k": same_k,
@@ -164,7 +170,7 @@ def compare_subspaces(a_path: Path, b_path: Path) -> dict:
 
 def step_subspace(work: Path, shape: str, layers: int | None, results: dict, deadline: float) -> None:
     cfg = dict(SHAPES[shape]) | ({"num_hidden_layers": layers} if layers else {})
-    laws = {kind: row["alpha"] for kind, row in json.loads(SPECTRA.read_text())["types"].items()}
+    laws = load_laws(SPECTRA)
     t = time.perf_counter()
     base, aligned = write_pair(work, cfg, 2**30, laws=laws)
     rows: dict = {"layers": cfg["num_hidden_layers"], "generate_s": round(time.perf_counter() - t, 1)}
