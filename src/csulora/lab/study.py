@@ -381,7 +381,9 @@ def run_study(
     if "correct" in stages:
         for attack in tqdm([a for a in attacks if a["n"] == config.main_n], desc="corrections", disable=quiet):
             variant, seed = attack["variant"], attack["seed"]
-            paths = Paths(base, aligned_dirs[variant], Path(attack["lora"]), cache / f"subspace-{variant}.safetensors")
+            # the training key leaves out subspace_energy (an evaluation setting): the file name carries it
+            subspace_file = cache / f"subspace-{variant}-energy{config.subspace_energy}.safetensors"
+            paths = Paths(base, aligned_dirs[variant], Path(attack["lora"]), subspace_file)
             if not paths.subspace.is_file():
                 settings = SubspaceSettings(energy=config.subspace_energy, seed=0)
                 with timed("subspace"):
