@@ -324,12 +324,9 @@ def test_offline_hub_id_is_a_clear_error(tmp_path, llama_pair, llama_adapter, ca
     assert "meta-llama/Llama-2-7b-hf" in err and "Hub" in err and err.count("\n") == 1
 
 
-def test_adapter_from_another_model_name_warns(tmp_path, llama_pair, llama_adapter, capsys):
-    base, aligned = llama_pair
-    sub = tmp_path / "sub.safetensors"
-    assert run("subspace", "--base", base, "--aligned", aligned, "--adapter", llama_adapter, "-o", sub, "-q") == 0
+def test_adapter_from_another_model_name_warns(tmp_path, llama_adapter, subspace_file, capsys):
     other = unsupported(tmp_path, llama_adapter, change_config={"base_model_name_or_path": "someone/other-chat"})
     capsys.readouterr()
-    assert run("correct", other, "-o", tmp_path / "out", "--subspace", sub, "-q") == 0
+    assert run("correct", other, "-o", tmp_path / "out", "--subspace", subspace_file, "-q") == 0
     err = capsys.readouterr().err
     assert "csulora: warning:" in err and "someone/other-chat" in err
