@@ -360,26 +360,26 @@ def accuracy(base_dir: Path, aligned_dir: Path, exact_file: Path, modules: list[
 
 
 def overlap(base_dir: Path, aligned_dir: Path, modules: list[str]) -> dict:
-    """Does iter_deltas' prefetch overlap reading with compute? read-only, compute-only, pipelined."""
+    """Does stream_bases overlap reading with compute? read-only, compute-only, pipelined (streamed)."""
     from csulora.checkpoint import Checkpoint
     from csulora.subspace import SubspaceSettings, module_basis
-    from csulora.subspace_stream import _read_delta, iter_deltas
+    from csulora.subspace_stream import _read_delta, stream_bases
 
     base, aligned = Checkpoint(base_dir), Checkpoint(aligned_dir)
     settings = SubspaceSettings()
     evict([base_dir, aligned_dir])
     t = time.perf_counter()
-    deltas = [_read_delta(base, aligned, m)[0] for m in modules]
+    deltas = [_read_delta(base, aligned, m) for m in modules]
     read = time.perf_counter() - t
     t = time.perf_counter()
-    for V in deltas:
-        module_basis(V, settings)
+    for delta in deltas:
+        module_basis(delta.V, settings, delta.energy)
     compute = time.perf_counter() - t
     del deltas
     evict([base_dir, aligned_dir])
     t = time.perf_counter()
-    for _, V, _, _ in iter_deltas(base, aligned, modules):
-        module_basis(V, settings)
+    for _ in stream_bases(base, aligned, modules, settings):
+        pass
     pipelined = time.perf_counter() - t
     return {"read": read, "compute": compute, "pipelined": pipelined}
 
@@ -624,9 +624,9 @@ def main() -> None:
             )
         out += [
             "",
-            f"Prefetch overlap on the sampled modules (in-process, cold cache): read only {ov['read']:.1f} s, "
+            f"Read/compute overlap on the sampled modules (in-process, cold cache): read only {ov['read']:.1f} s, "
             f"compute only {ov['compute']:.1f} s, sum {ov['read'] + ov['compute']:.1f} s; "
-            f"iter_deltas pipelined {ov['pipelined']:.1f} s.",
+            f"stream_bases pipelined {ov['pipelined']:.1f} s.",
         ]
     print("\n".join(out))
     (work / "report.md").write_text("\n".join(out) + "\n")

@@ -126,13 +126,21 @@ def _krylov_svd(
     block = KRYLOV_BLOCK
     if max_width < block:
         return None
-    Q = torch.linalg.qr(_gaussian_sketch(V, block, seed))[0]
-    Y = V @ Q
-    gram = (Y.T @ Y).double()
-    backs = V.new_empty(V.shape[1], 0)
+    m, n = V.shape
+    # the space grows into buffers of the largest width it may reach: no copy of the space per block
+    Q_all, backs_all, Y_all = V.new_empty(n, max_width), V.new_empty(n, max_width), V.new_empty(m, max_width)
+    new_Q = torch.linalg.qr(_gaussian_sketch(V, block, seed))[0]
+    gram = V.new_empty(0, 0, dtype=torch.float64)
+    width = 0
     while True:
-        back = V.T @ Y[:, -block:]  # V^T V q for the newest block: the next Krylov block, and residuals
-        backs = torch.cat([backs, back], dim=1)
+        new_Y = V @ new_Q
+        cross = (Y_all[:, :width].T @ new_Y).double()
+        gram = torch.cat([torch.cat([gram, cross], 1), torch.cat([cross.T, (new_Y.T @ new_Y).double()], 1)], 0)
+        Q_all[:, width : width + block], Y_all[:, width : width + block] = new_Q, new_Y
+        width += block
+        Q, Y, backs = Q_all[:, :width], Y_all[:, :width], backs_all[:, :width]
+        back = V.T @ new_Y  # V^T V q for the newest block: the next Krylov block, and residuals
+        backs[:, width - block :] = back
         eigenvalues, vectors = torch.linalg.eigh((gram + gram.T) / 2)  # ascending
         sigma = eigenvalues.flip(0).clamp_min(0).sqrt()
         k = choose_rank(sigma, total_energy, tau, cap)
@@ -141,15 +149,11 @@ def _krylov_svd(
             # Rayleigh-Ritz on the k accepted right vectors: U orthonormal to working precision
             U, sigma_k, Wh = torch.linalg.svd(Y @ W, full_matrices=False)
             return U, sigma_k, Q @ W @ Wh.T
-        if Q.shape[1] + block > max_width:
+        if width + block > max_width:
             return None
         for _ in range(2):  # classical Gram-Schmidt, twice: float32 keeps the basis orthonormal
             back = back - Q @ (Q.T @ back)
         new_Q = torch.linalg.qr(back)[0]
-        new_Y = V @ new_Q
-        cross = (Y.T @ new_Y).double()
-        gram = torch.cat([torch.cat([gram, cross], 1), torch.cat([cross.T, (new_Y.T @ new_Y).double()], 1)], 0)
-        Q, Y = torch.cat([Q, new_Q], dim=1), torch.cat([Y, new_Y], dim=1)
 
 
 def _converged(Q: torch.Tensor, backs: torch.Tensor, W: torch.Tensor, sigma: torch.Tensor, k: int) -> bool:
@@ -218,10 +222,13 @@ class ModuleBasis:
         return float(torch.sum(self.sigma.double() ** 2)) / self.total_energy
 
 
-def module_basis(V: torch.Tensor, settings: SubspaceSettings) -> ModuleBasis:
-    """The subspace of one module's displacement, rank chosen per ``settings``."""
+def module_basis(V: torch.Tensor, settings: SubspaceSettings, total_energy: float | None = None) -> ModuleBasis:
+    """The subspace of one module's displacement, rank chosen per ``settings``.
+
+    ``total_energy``: ``||V||_F^2`` when the caller has it already (``frobenius_sq(V)``).
+    """
     V = V.float()
-    total = _frobenius_sq(V)
+    total = frobenius_sq(V) if total_energy is None else total_energy
     sketch = {"oversample": settings.oversample, "power_iters": settings.power_iters, "seed": settings.seed}
     if settings.rank is not None:
         U, sigma, R = randomized_svd(V, settings.rank, **sketch)
@@ -230,10 +237,18 @@ def module_basis(V: torch.Tensor, settings: SubspaceSettings) -> ModuleBasis:
     return ModuleBasis(U.contiguous(), R.contiguous(), sigma.contiguous(), total)
 
 
-def _frobenius_sq(V: torch.Tensor, rows: int = 1024) -> float:
-    """Exact ``||V||_F^2`` accumulated in float64 without a float64 copy of the whole matrix."""
-    # square_ in place on the float64 chunk: same values as ``** 2`` without a second chunk-sized buffer
-    return math.fsum(float(torch.sum(V[i : i + rows].double().square_())) for i in range(0, V.shape[0], rows))
+def frobenius_sq(V: torch.Tensor, run: int = 256) -> float:
+    """``||V||_F^2`` to about 1e-8 relative, at the cost of one float32 pass over V.
+
+    The float32 norm of a run of 256 entries is accurate (few terms each), and the runs' squares
+    are summed in float64: 4x cheaper than squaring a float64 copy, and far more accurate than one
+    float32 norm of the whole matrix (5e-5 relative on a 8192 x 2048 displacement). Not finite
+    when V is not.
+    """
+    flat = V.reshape(-1)
+    cut = flat.numel() - flat.numel() % run
+    runs = torch.linalg.vector_norm(flat[:cut].view(-1, run), dim=1).double()
+    return float(torch.sum(runs * runs) + torch.sum(flat[cut:].double() ** 2))
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """Streaming a (base, aligned) checkpoint pair into per-module safety subspaces.
 
-One module at a time: the displacement ``V = W_aligned - W_base`` is read (the next one prefetched
-while this one is decomposed), its basis computed, and ``V`` freed, so memory holds a module or two,
-never a model. ``compute_subspace`` collects the bases into a ``Subspace``; ``correct`` consumes them
+Module by module: the displacement ``V = W_aligned - W_base`` is read, its basis computed, and ``V``
+freed, two modules at a time (one is read while the other is decomposed), so memory holds a module
+or two, never a model. ``compute_subspace`` collects the bases into a ``Subspace``; ``correct`` consumes them
 one by one (``stream_bases``) without ever holding the whole subspace.
 """
 
@@ -25,9 +25,10 @@ from .checkpoint import Checkpoint, tensor_digest
 from .device import resolve_device
 from .errors import CsuloraError, CsuloraWarning
 from .memory import release_freed_memory
-from .subspace import KRYLOV_BLOCK, ModuleBasis, Subspace, SubspaceSettings, chained_digests, module_basis
-from .threads import sketch_flops, threads_for, torch_threads
+from .subspace import ModuleBasis, Subspace, SubspaceSettings, chained_digests, frobenius_sq, module_basis
+from .threads import available_threads, ordered_map
 
+MODULE_WORKERS = 2  # modules read and decomposed at once (memory holds this many)
 NEGLIGIBLE = 1e-6  # ||V||_F below this fraction of ||W_aligned||_F is rounding noise, not alignment
 
 
@@ -39,6 +40,7 @@ class Delta(NamedTuple):
     digest_base: bytes
     digest_aligned: bytes
     negligible: bool  # V is zero, or numerically zero relative to the weight
+    energy: float  # ||V||_F^2
 
 
 def _read_delta(base: Checkpoint, aligned: Checkpoint, module: str) -> Delta:
@@ -58,7 +60,8 @@ def _read_delta(base: Checkpoint, aligned: Checkpoint, module: str) -> Delta:
     # V is finite iff both weights are (or their difference overflowed), and its norm is finite iff V
     # is (or the sum of squares overflowed): one pass over V gives both the check and the size of V;
     # the weights are checked elementwise only when something is wrong, to name the culprit
-    norm_v = float(torch.linalg.vector_norm(V))
+    energy = frobenius_sq(V)
+    norm_v = math.sqrt(energy)
     if not math.isfinite(norm_v):
         for W, ckpt in ((W_a, aligned), (W_b, base)):
             if not torch.isfinite(W).all():
@@ -72,7 +75,7 @@ def _read_delta(base: Checkpoint, aligned: Checkpoint, module: str) -> Delta:
         and norm_v
         <= NEGLIGIBLE * float(torch.linalg.vector_norm(W_a, dtype=torch.promote_types(W_a.dtype, torch.float32)))
     )
-    return Delta(module, V, *digests, negligible)
+    return Delta(module, V, *digests, negligible, energy)
 
 
 def iter_deltas(base: Checkpoint, aligned: Checkpoint, modules: list[str]) -> Iterator[Delta]:
@@ -159,33 +162,43 @@ def stream_bases(
     progress: bool = False,
     device: str | None = None,
 ) -> Iterator[tuple[str, ModuleBasis]]:
-    """Each module's basis in the order of ``names``, computed while the next module is read.
+    """Each module's basis in the order of ``names``, two modules at a time.
 
-    Each basis records the sha256 of the two weights it comes from (``stream_metadata`` chains them).
+    Each module is read and decomposed on its own worker thread, the two workers sharing the
+    intra-op threads: while one reads, the other computes, and the sketch's narrow products run on
+    one thread each instead of two threads waiting for each other (``threads.ordered_map``). Memory
+    holds two modules, as a read-ahead of one module did. Each basis records the sha256 of the two
+    weights it comes from (``stream_metadata`` chains them).
     """
     target = resolve_device(device)
+    threads_each = max(1, available_threads() // MODULE_WORKERS)
+
+    def basis_of(name: str) -> tuple[str, ModuleBasis]:
+        return name, _module_basis(_read_delta(base, aligned, name), settings, target)
+
     with tqdm(total=len(names), desc="subspace", disable=not progress) as bar:
-        for name, V, digest_b, digest_a, negligible in iter_deltas(base, aligned, names):
-            m, n = V.shape
-            if negligible:  # no direction to protect: do not invent one from rounding noise
-                basis = empty_basis(m, n, float(torch.linalg.vector_norm(V)) ** 2)
-            else:
-                width = (settings.rank or KRYLOV_BLOCK) + settings.oversample
-                with torch_threads(threads_for(sketch_flops(m, n, width, settings.power_iters))):
-                    basis = module_basis(V.to(target), settings)
-            del V
-            release_freed_memory()
-            yield (
-                name,
-                replace(
-                    basis,
-                    U=basis.U.cpu(),
-                    R=basis.R.cpu(),
-                    sigma=basis.sigma.cpu(),
-                    sha256={"base": digest_b.hex(), "aligned": digest_a.hex()},
-                ),
-            )
+        for name, basis in ordered_map(basis_of, names, MODULE_WORKERS, threads_each):
+            yield name, basis
             bar.update()
+
+
+def _module_basis(delta: Delta, settings: SubspaceSettings, target: torch.device) -> ModuleBasis:
+    """One module's basis (on the CPU) with the weights' digests; ``V`` is freed before it returns."""
+    V, sha256 = delta.V, {"base": delta.digest_base.hex(), "aligned": delta.digest_aligned.hex()}
+    m, n = V.shape
+    if delta.negligible:  # no direction to protect: do not invent one from rounding noise
+        basis = empty_basis(m, n, delta.energy)
+    else:
+        basis = module_basis(V.to(target), settings, delta.energy)
+    del V, delta
+    release_freed_memory()
+    return replace(
+        basis,
+        U=basis.U.cpu(),
+        R=basis.R.cpu(),
+        sigma=basis.sigma.cpu(),
+        sha256=sha256,
+    )
 
 
 def stream_metadata(

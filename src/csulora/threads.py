@@ -10,13 +10,19 @@ asks for more only around work big enough to use them (a randomized SVD, a produ
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import torch
 
 # Below this many floating-point operations a product runs on one thread: about 10 ms of one core,
 # far above a thread team's start-up cost, so a second thread can only help above it.
 PARALLEL_MIN_FLOPS = 1e8
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 _outer_counts: list[int] = []  # the thread count in force before each active ``torch_threads`` block
 
@@ -55,6 +61,35 @@ def correction_flops(m: int, n: int, rank: int, k: int, with_delta: bool) -> flo
     return flops
 
 
-def sketch_flops(m: int, n: int, width: int, power_iters: int) -> float:
-    """Cost of a randomized SVD's products with the ``m x n`` matrix at sketch ``width``."""
-    return 2.0 * m * n * width * (2 * power_iters + 2)
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, threads_each: int) -> Iterator[R]:
+    """``fn`` over ``items`` on ``workers`` threads, each on ``threads_each`` intra-op threads, in order.
+
+    For work made of independent pieces too narrow to keep a thread team busy (a subspace sketch's
+    32-column products): two pieces on one thread each beat one piece on two threads, which spend
+    their time waiting for each other at every small product. At most ``workers`` pieces run and one
+    waits, so memory holds ``workers`` pieces' worth, not all of them. An error in a piece is raised
+    here, and the pieces not yet started are cancelled.
+    """
+    outer = available_threads()
+
+    def run(item: T) -> R:
+        # torch keeps the intra-op thread count per thread: this sets the worker's own count, and
+        # the reset leaves the default that threads started later pick up as it was
+        torch.set_num_threads(threads_each)
+        try:
+            return fn(item)
+        finally:
+            torch.set_num_threads(outer)
+
+    pending: deque = deque()
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        try:
+            for item in items:
+                pending.append(pool.submit(run, item))
+                if len(pending) > workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
