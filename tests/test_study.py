@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from csulora.evaluate.judges import KeywordJudge, StrictKeywordJudge
 from csulora.evaluate.metrics import contains_answer
 from csulora.lab import smollm2_data as data
-from csulora.lab.study_report import alignment_gate, attack_gate, mean_ci
+from csulora.lab.study_report import alignment_gate, attack_gate, judge_disagreement, mean_ci
 
 
 # -- the project's texts -------------------------------------------------------------------------
@@ -70,6 +71,18 @@ def test_gates_follow_the_issue_thresholds():
     assert not bad["general"] and not bad["over_refusal"] and bad["asr"]
     assert all(attack_gate(good, {"asr": 0.6, "utility": 0.7}).values())
     assert not attack_gate(good, {"asr": 0.45, "utility": 0.7})["asr_rise"]
+
+
+def test_portable_paths_are_relative_under_the_output_and_absolute_elsewhere(tmp_path, monkeypatch):
+    from csulora.lab.study import portable
+
+    out = tmp_path / "study"
+    assert portable(out / "cache" / "evals" / "x.json", out) == str(Path("cache", "evals", "x.json"))
+    assert portable(out, out) == "."
+    assert portable(tmp_path / "base", out) == str((tmp_path / "base").resolve())
+    monkeypatch.chdir(tmp_path)  # a relative output directory, as in `--out csulora-lab`
+    assert portable(Path("study/adapters/a"), Path("study")) == str(Path("adapters", "a"))
+    assert portable(Path("study-other/a"), Path("study")) == str(tmp_path.resolve() / "study-other" / "a")
 
 
 def test_over_refusal_reads_the_opening_only():
@@ -138,14 +151,24 @@ def test_the_study_runs_end_to_end_and_a_rerun_reuses_every_stage(tmp_path):
 
     assert len(doc["runs"]) == 2 * 2 * len(sweep_points(config, 0))
     for run in doc["runs"]:
-        assert (Path(run["adapter"]) / "adapter_model.safetensors").is_file()
+        assert (tmp_path / "study" / run["adapter"] / "adapter_model.safetensors").is_file()
         assert 0.0 <= run["asr"] <= 1.0 and 0.0 <= run["asr_strict"] <= 1.0
     entry = doc["summary"]["variants"]["full"]
     assert entry["noise_floor"]["asr"]["n"] == 2
     assert {p["method"] for p in entry["points"]} == set(METHODS)  # every registered method was swept
-    saved = json.loads((tmp_path / "study" / "results.json").read_text())
-    assert saved["checkpoints"]["aligned-patch"].endswith("aligned-patch")
-    assert Path(saved["checkpoints"]["aligned-full"], "config.json").is_file()
+    # results.json names what lies under the study's directory relative to it, the rest absolutely,
+    # so the directory still makes sense moved to another machine
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(tmp_path / "study", moved)
+    saved = json.loads((moved / "results.json").read_text())
+    assert saved["checkpoints"]["base"] == str(base.resolve())
+    assert saved["checkpoints"]["aligned-patch"].startswith("cache/train-")
+    assert (moved / saved["checkpoints"]["aligned-full"] / "config.json").is_file()
+    assert saved["adapters"] == "adapters"
+    relative = [run["adapter"] for run in saved["runs"]] + [a["lora"] for a in saved["attacks"]]
+    relative += list(saved["evaluations"]["records"].values())
+    assert all(not Path(p).is_absolute() and (moved / p).exists() for p in relative)
+    assert judge_disagreement(saved, moved)["total"] == saved["judge_disagreement"]["total"] > 0
     first = doc["evaluations"]["generated"]
 
     again = run_study(base, splits, tmp_path / "study", config, quiet=True)

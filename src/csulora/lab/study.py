@@ -287,6 +287,13 @@ class Evaluator:
 
 
 # -- the whole study -----------------------------------------------------------------------------
+def portable(path: Path | str, out: Path) -> str:
+    """``path`` relative to ``out`` where it lies under it, else absolute: a results.json copied from
+    another machine together with its directory still names its checkpoints and adapters."""
+    path, root = Path(path).resolve(), Path(out).resolve()
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+
 @dataclass
 class Paths:
     """Duck-typed like ``runner.Artifacts`` so ``runner.correct_all`` writes the corrections."""
@@ -375,7 +382,7 @@ def run_study(
                     losses[lora.name] = train_attack(aligned_dirs[variant], examples, seed, config, lora, dev, progress)
             name = f"lora-{variant}-n{n}-seed{seed}"
             models[name] = evaluator(name, aligned_dirs[variant], lora)
-            attacks.append({"variant": variant, "n": n, "seed": seed, "lora": str(lora), "model": name})
+            attacks.append({"variant": variant, "n": n, "seed": seed, "lora": lora, "model": name})
 
     runs: list[dict] = []
     if "correct" in stages:
@@ -402,7 +409,7 @@ def run_study(
                         "seed": seed,
                         "method": point["method"],
                         "params": point["params"],
-                        "adapter": str(point["adapter"]),
+                        "adapter": portable(point["adapter"], out),
                         "lora": attack["model"],
                     }
                     | metrics
@@ -412,15 +419,19 @@ def run_study(
     document: dict[str, Any] = {
         "config": asdict(config) | {"study_version": STUDY_VERSION, "device": str(dev), "stages": list(stages)},
         "models": models,
-        "attacks": attacks,
+        "paths": "relative to this file's directory where they lie under it, else absolute",
+        "attacks": [a | {"lora": portable(a["lora"], out)} for a in attacks],
         "runs": runs,
-        "checkpoints": {"base": str(base), **{f"aligned-{v}": str(p) for v, p in aligned_dirs.items()}},
-        "adapters": str(out / "adapters"),
+        "checkpoints": {
+            "base": portable(base, out),
+            **{f"aligned-{v}": portable(p, out) for v, p in aligned_dirs.items()},
+        },
+        "adapters": portable(out / "adapters", out),
         "training_losses": losses,
         "evaluations": {
             "generated": evaluator.done,
             "reused": evaluator.reused,
-            "records": {k: str(v) for k, v in evaluator.records.items()},
+            "records": {k: portable(v, out) for k, v in evaluator.records.items()},
         },
         "sizes": {
             "harmful": len(sets.harmful),

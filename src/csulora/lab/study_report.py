@@ -240,12 +240,12 @@ def _word(success: bool) -> str:
     return "success" if success else "refusal"
 
 
-def judge_disagreement(document: dict, sample: int = 12) -> dict:
+def judge_disagreement(document: dict, out: Path, sample: int = 12) -> dict:
     """Where the keyword and strict judges disagree, over every evaluated harmful response."""
     total = differ = 0
     cases = []
     for name, path in document["evaluations"]["records"].items():
-        record = json.loads(Path(path).read_text())
+        record = json.loads((Path(out) / path).read_text())  # relative to out, or absolute
         for r in record["responses"]:
             total += 1
             v = r["attack_success"]
@@ -321,7 +321,7 @@ def plot(document: dict, path: Path) -> None:
 
 
 def write_outputs(document: dict, out: Path) -> None:
-    document["judge_disagreement"] = judge_disagreement(document)
+    document["judge_disagreement"] = judge_disagreement(document, out)
     plot(document, out / "frontier.png")
     with atomic_file(out / "results.json", force=True) as tmp:
         tmp.write_text(json.dumps(document, indent=1, default=str) + "\n")
