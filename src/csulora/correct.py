@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -49,16 +50,40 @@ def frobenius_sq(B: torch.Tensor, A: torch.Tensor) -> float:
 
 @dataclass(frozen=True)
 class Decomposition:
-    """``dW = F + H + O`` split in factored form, with the energy of each part."""
+    """``dW = F + H + O`` split in factored form, with the energy of each part.
 
-    B_in: torch.Tensor
-    B_out: torch.Tensor
-    A_in: torch.Tensor
-    A_out: torch.Tensor
-    scale: float
+    ``F = s B_in A_in``, ``H = s (B_in A_out + B_out A_in)``, ``O = s B_out A_out``; the four factors
+    are formed on first use, since the energies alone need only ``k x r`` products.
+    """
+
+    lora: LoraFactors
+    U: torch.Tensor
+    R: torch.Tensor
+    C: torch.Tensor  # U^T B, k x r: B_in = U C
+    D: torch.Tensor  # A R, r x k: A_in = D R^T
     e_f: float
     e_h: float
     e_o: float
+
+    @property
+    def scale(self) -> float:
+        return self.lora.scale
+
+    @cached_property
+    def B_in(self) -> torch.Tensor:
+        return self.U @ self.C
+
+    @cached_property
+    def A_in(self) -> torch.Tensor:
+        return self.D @ self.R.T
+
+    @property
+    def B_out(self) -> torch.Tensor:
+        return self.lora.B - self.B_in
+
+    @property
+    def A_out(self) -> torch.Tensor:
+        return self.lora.A - self.A_in
 
     @property
     def energy(self) -> float:
@@ -84,22 +109,20 @@ def decompose(lora: LoraFactors, U: torch.Tensor, R: torch.Tensor) -> Decomposit
     """Split the update into fully aligned, partially aligned and off-subspace parts.
 
     ``B_in = U U^T B`` and ``A_in = A R R^T``; the parts are Frobenius-orthogonal because
-    ``B_in^T B_out = 0`` and ``A_in A_out^T = 0``, so their energies add up to the total.
+    ``B_in^T B_out = 0`` and ``A_in A_out^T = 0``, so their energies add up to the total. With
+    ``C = U^T B`` the Gram matrices are ``B_in^T B_in = C^T C`` and ``B_out^T B_out = B^T B - C^T C``
+    (likewise for A with ``D = A R``): r x r and k x r work instead of passes over the m x r factors.
     """
     B, A = lora.B, lora.A
     _check_subspace_shapes(B, A, U, R)
-    B_in = U @ (U.T @ B)
-    A_in = (A @ R) @ R.T
-    B_out = B - B_in
-    A_out = A - A_in
-    # each r x r Gram matrix once (what frobenius_sq would form twice): the same numbers, half the passes
-    gram_b_in, gram_b_out = B_in.T @ B_in, B_out.T @ B_out
-    gram_a_in, gram_a_out = A_in @ A_in.T, A_out @ A_out.T
+    C, D = U.T @ B, A @ R
+    gram_b_in, gram_a_in = C.T @ C, D @ D.T
+    gram_b_out, gram_a_out = B.T @ B - gram_b_in, A @ A.T - gram_a_in
     s2 = lora.scale**2
     e_f = s2 * float(torch.sum(gram_b_in * gram_a_in))
     e_h = s2 * (float(torch.sum(gram_b_in * gram_a_out)) + float(torch.sum(gram_b_out * gram_a_in)))
     e_o = s2 * float(torch.sum(gram_b_out * gram_a_out))
-    return Decomposition(B_in, B_out, A_in, A_out, lora.scale, e_f, e_h, e_o)
+    return Decomposition(lora, U, R, C, D, e_f, e_h, e_o)
 
 
 def _check_subspace_shapes(B, A, U, R) -> None:
@@ -143,13 +166,16 @@ def csulora_update(lora: LoraFactors, U: torch.Tensor, R: torch.Tensor, lam: flo
     info = _decomposition_info(d) | {"kappa_h": k_h, "kappa_o": k_o}
     if lam == 0:
         return Corrected(lora, info)
-    B_first = d.B_in + k_h * d.B_out
-    A_first = d.A_in + k_h * d.A_out
-    coef = k_o - k_h**2
-    if coef == 0:
-        return Corrected(LoraFactors(B_first, A_first, lora.scale), info)
-    B_new = torch.cat([B_first, coef * d.B_out], dim=1)
-    A_new = torch.cat([A_first, d.A_out], dim=0)
+    # written straight into the new factors: no concatenated copy
+    r, coef = lora.rank, k_o - k_h**2
+    width = r if coef == 0 else 2 * r
+    B_out, A_out = d.B_out, d.A_out
+    B_new, A_new = B_out.new_empty(B_out.shape[0], width), A_out.new_empty(width, A_out.shape[1])
+    torch.add(d.B_in, B_out, alpha=k_h, out=B_new[:, :r])
+    torch.add(d.A_in, A_out, alpha=k_h, out=A_new[:r])
+    if coef != 0:
+        torch.mul(B_out, coef, out=B_new[:, r:])
+        A_new[r:] = A_out
     return Corrected(LoraFactors(B_new, A_new, lora.scale), info)
 
 
