@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from csulora.checkpoint import Checkpoint
 from csulora.errors import CsuloraError
-from csulora.subspace import SubspaceSettings, frobenius_sq, module_basis
+from csulora.subspace import SubspaceSettings, displacement_energy, module_basis
 from csulora.subspace_stream import _read_delta, iter_deltas
 
 
@@ -36,19 +36,19 @@ def test_frobenius_sq_matches_float64_sum(shape):
     # entries spread over six orders of magnitude, as in a displacement with a few large directions
     V = torch.randn(shape, generator=g) * 10 ** (6 * torch.rand(shape, generator=g) - 3)
     straightforward = math.fsum(V.double().flatten().pow(2).tolist())
-    assert frobenius_sq(V) == pytest.approx(straightforward, rel=1e-7)
-    assert frobenius_sq(V, run=7) == pytest.approx(straightforward, rel=1e-7)
+    assert displacement_energy(V) == pytest.approx(straightforward, rel=1e-7)
+    assert displacement_energy(V, run=7) == pytest.approx(straightforward, rel=1e-7)
     if V.numel() < 256:  # no full run: the tail is squared in float64, exactly
-        assert frobenius_sq(V) == pytest.approx(straightforward, rel=1e-14)
+        assert displacement_energy(V) == pytest.approx(straightforward, rel=1e-14)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_frobenius_sq_is_not_finite_when_V_is_not(bad):
     V = torch.randn(600, 5)
     V[599, 4] = bad  # in the tail past the last full run
-    assert not math.isfinite(frobenius_sq(V))
+    assert not math.isfinite(displacement_energy(V))
     V[0, 0] = bad
-    assert not math.isfinite(frobenius_sq(V))
+    assert not math.isfinite(displacement_energy(V))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

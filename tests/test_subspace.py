@@ -61,7 +61,7 @@ def test_module_basis_energy_mode_and_fixed_rank():
     exact = torch.linalg.svdvals(V.double())
     assert energy.total_energy == pytest.approx(
         float(torch.sum(V.double() ** 2)), rel=1e-7
-    )  # frobenius_sq: float32 runs
+    )  # displacement_energy: float32 runs
     expected_k = int(torch.nonzero(torch.cumsum(exact**2, 0) >= 0.99 * torch.sum(exact**2))[0]) + 1
     assert energy.k == expected_k
     assert energy.energy_captured >= 0.99 - 1e-6

@@ -225,10 +225,10 @@ class ModuleBasis:
 def module_basis(V: torch.Tensor, settings: SubspaceSettings, total_energy: float | None = None) -> ModuleBasis:
     """The subspace of one module's displacement, rank chosen per ``settings``.
 
-    ``total_energy``: ``||V||_F^2`` when the caller has it already (``frobenius_sq(V)``).
+    ``total_energy``: ``||V||_F^2`` when the caller has it already (``displacement_energy(V)``).
     """
     V = V.float()
-    total = frobenius_sq(V) if total_energy is None else total_energy
+    total = displacement_energy(V) if total_energy is None else total_energy
     sketch = {"oversample": settings.oversample, "power_iters": settings.power_iters, "seed": settings.seed}
     if settings.rank is not None:
         U, sigma, R = randomized_svd(V, settings.rank, **sketch)
@@ -237,7 +237,7 @@ def module_basis(V: torch.Tensor, settings: SubspaceSettings, total_energy: floa
     return ModuleBasis(U.contiguous(), R.contiguous(), sigma.contiguous(), total)
 
 
-def frobenius_sq(V: torch.Tensor, run: int = 256) -> float:
+def displacement_energy(V: torch.Tensor, run: int = 256) -> float:
     """``||V||_F^2`` to about 1e-8 relative, at the cost of one float32 pass over V.
 
     The float32 norm of a run of 256 entries is accurate (few terms each), and the runs' squares

@@ -25,7 +25,7 @@ from .checkpoint import Checkpoint, tensor_digest
 from .device import resolve_device
 from .errors import CsuloraError, CsuloraWarning
 from .memory import release_freed_memory
-from .subspace import ModuleBasis, Subspace, SubspaceSettings, chained_digests, frobenius_sq, module_basis
+from .subspace import ModuleBasis, Subspace, SubspaceSettings, chained_digests, displacement_energy, module_basis
 from .threads import available_threads, ordered_map
 
 MODULE_WORKERS = 2  # modules read and decomposed at once (memory holds this many)
@@ -60,7 +60,7 @@ def _read_delta(base: Checkpoint, aligned: Checkpoint, module: str) -> Delta:
     # V is finite iff both weights are (or their difference overflowed), and its norm is finite iff V
     # is (or the sum of squares overflowed): one pass over V gives both the check and the size of V;
     # the weights are checked elementwise only when something is wrong, to name the culprit
-    energy = frobenius_sq(V)
+    energy = displacement_energy(V)
     norm_v = math.sqrt(energy)
     if not math.isfinite(norm_v):
         for W, ckpt in ((W_a, aligned), (W_b, base)):
