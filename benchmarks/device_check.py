@@ -16,6 +16,9 @@ returns what it measured:
 
 Pinned runs use ``taskset -c 0,1`` and ``OMP_NUM_THREADS=2``; CPU seconds come from ``getrusage`` of
 the children. Generation and the CPU reference of step 3 use every core.
+
+``--before SRC`` (the ``src`` folder of an older checkout) also times ``correct`` and the adaptive
+``subspace`` of that code on the same files in the same run, for before/after figures.
 """
 
 from __future__ import annotations
@@ -55,9 +58,15 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def run_child(cmd: list[str], timeout: float, pinned: bool = True) -> dict:
-    """Wall and CPU seconds (children's rusage) of one child process, pinned to 2 cores and 2 threads."""
-    env = dict(os.environ)
+BEFORE_SRC: Path | None = None  # --before: an older checkout's src folder
+
+
+def run_child(cmd: list[str], timeout: float, pinned: bool = True, src: Path | None = None) -> dict:
+    """Wall and CPU seconds (children's rusage) of one child process, pinned to 2 cores and 2 threads.
+
+    ``src``: import csulora from this folder instead (``--before``).
+    """
+    env = dict(os.environ) | ({"PYTHONPATH": str(src)} if src else {})
     if pinned:
         env |= {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
         cmd = PINNED + cmd
@@ -121,13 +130,16 @@ def step_correct(work: Path, shape: str, results: dict, deadline: float) -> None
         "import_torch": run_child([sys.executable, "-c", "import torch"], deadline - time.time()),
         "import_csulora_cli": run_child([sys.executable, "-c", "import csulora.cli"], deadline - time.time()),
     }
-    runs = []
-    for _ in range(3):
-        shutil.rmtree(out, ignore_errors=True)
-        cmd = cli("correct", str(adapter), "-o", str(out), "--subspace", str(sub), "-q")
-        runs.append(run_child(cmd, deadline - time.time()))
-    rows["correct_runs"] = [{k: v for k, v in r.items() if k != "stdout"} for r in runs]
-    rows["correct_best"] = min(rows["correct_runs"], key=lambda r: r["wall_s"])
+    cmd = cli("correct", str(adapter), "-o", str(out), "--subspace", str(sub), "-q")
+    for label, src in (("", None), ("_before", BEFORE_SRC)):
+        if label and src is None:
+            continue
+        runs = []
+        for _ in range(3):
+            shutil.rmtree(out, ignore_errors=True)
+            runs.append(run_child(cmd, deadline - time.time(), src=src))
+        rows[f"correct_runs{label}"] = [{k: v for k, v in r.items() if k != "stdout"} for r in runs]
+        rows[f"correct_best{label}"] = min(rows[f"correct_runs{label}"], key=lambda r: r["wall_s"])
     for r in rows.values():
         if isinstance(r, dict):
             r.pop("stdout", None)
@@ -189,8 +201,12 @@ def step_subspace(work: Path, shape: str, layers: int | None, results: dict, dea
         log(f"{label}: {rows[label]}")
     common = ["--base", str(base), "--aligned", str(aligned), "--targets", ",".join(TARGETS), "--force", "-q"]
     outputs = {}
-    for label, cmd in (
-        ("subspace_adaptive", cli("subspace", *common, "-o", str(work / "adaptive.safetensors"))),
+    runs = [("subspace_adaptive", cli("subspace", *common, "-o", str(work / "adaptive.safetensors")), None)]
+    if BEFORE_SRC is not None:
+        before = cli("subspace", *common, "-o", str(work / "before.safetensors"))
+        runs.append(("subspace_adaptive_before", before, BEFORE_SRC))
+    for label, cmd, src in (
+        *runs,
         (
             "subspace_full_width",
             [
@@ -202,21 +218,31 @@ def step_subspace(work: Path, shape: str, layers: int | None, results: dict, dea
                 "-o",
                 str(work / "full.safetensors"),
             ],
+            None,
         ),
     ):
         evict([base, aligned])
-        r = run_child(cmd, deadline - time.time())
+        r = run_child(cmd, deadline - time.time(), src=src)
         rows[label] = {k: v for k, v in r.items() if k != "stdout"}
         outputs[label] = Path(cmd[cmd.index("-o") + 1])
         log(f"{label}: {rows[label]}")
         write(results)
     rows["adaptive_vs_full_width"] = compare_subspaces(outputs["subspace_full_width"], outputs["subspace_adaptive"])
+    if "subspace_adaptive_before" in outputs:
+        before = outputs["subspace_adaptive_before"]
+        rows["adaptive_vs_before"] = compare_subspaces(before, outputs["subspace_adaptive"])
     floor = rows["read_floor_cold"]
-    for label in ("subspace_adaptive", "subspace_full_width"):
+    for label in ("subspace_adaptive", "subspace_full_width", "subspace_adaptive_before"):
+        if label not in rows:
+            continue
         rows[label]["over_cold_read_floor_wall"] = round(rows[label]["wall_s"] / floor["wall_s"], 2)
         rows[label]["over_cold_read_floor_cpu"] = round(rows[label]["cpu_s"] / floor["cpu_s"], 2)
     rows["speedup_cpu"] = round(rows["subspace_full_width"]["cpu_s"] / rows["subspace_adaptive"]["cpu_s"], 2)
     rows["speedup_wall"] = round(rows["subspace_full_width"]["wall_s"] / rows["subspace_adaptive"]["wall_s"], 2)
+    if "subspace_adaptive_before" in rows:
+        for unit in ("cpu", "wall"):
+            old_s, new_s = rows["subspace_adaptive_before"][f"{unit}_s"], rows["subspace_adaptive"][f"{unit}_s"]
+            rows[f"speedup_over_before_{unit}"] = round(old_s / new_s, 2)
 
 
 # -- step 3: the GPU against the CPU ------------------------------------------------------------------
@@ -250,8 +276,10 @@ def main() -> int:
     parser.add_argument("--cuda-layers", type=int, default=4, help="7B layers compared on the GPU (4)")
     parser.add_argument("--layers-1b", type=int, default=None, help="1B layers (default all 16)")
     parser.add_argument("--steps", default="correct_7b,subspace_1b,cuda", help="which steps (all three)")
+    parser.add_argument("--before", type=Path, help="src folder of an older checkout, timed too (correct, subspace)")
     args = parser.parse_args()
-    global OUT_FILE
+    global OUT_FILE, BEFORE_SRC
+    BEFORE_SRC = args.before.resolve() if args.before else None
     args.out.mkdir(parents=True, exist_ok=True)
     OUT_FILE = args.out / "results.json"
     start = time.time()
