@@ -360,7 +360,8 @@ def accuracy(base_dir: Path, aligned_dir: Path, exact_file: Path, modules: list[
 
 
 def overlap(base_dir: Path, aligned_dir: Path, modules: list[str]) -> dict:
-    """Does stream_bases overlap reading with compute? read-only, compute-only, pipelined (streamed)."""
+    """Read only, compute only (one module at a time, torch's threads), and stream_bases (two modules at a
+    time, one thread each on 2 cores): the last gains from the overlap and from the split together."""
     from csulora.checkpoint import Checkpoint
     from csulora.subspace import SubspaceSettings, module_basis
     from csulora.subspace_stream import _read_delta, stream_bases
@@ -624,7 +625,7 @@ def main() -> None:
             )
         out += [
             "",
-            f"Read/compute overlap on the sampled modules (in-process, cold cache): read only {ov['read']:.1f} s, "
+            f"Overlap and two-module split on the sampled modules (in-process, cold): read only {ov['read']:.1f} s, "
             f"compute only {ov['compute']:.1f} s, sum {ov['read'] + ov['compute']:.1f} s; "
             f"stream_bases pipelined {ov['pipelined']:.1f} s.",
         ]

@@ -27,10 +27,11 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -62,7 +63,7 @@ BEFORE_SRC: Path | None = None  # --before: an older checkout's src folder
 
 
 def run_child(cmd: list[str], timeout: float, pinned: bool = True, src: Path | None = None) -> dict:
-    """Wall and CPU seconds (children's rusage) of one child process, pinned to 2 cores and 2 threads.
+    """Wall and CPU seconds and peak RSS of one child process, pinned to 2 cores and 2 threads.
 
     ``src``: import csulora from this folder instead (``--before``).
     """
@@ -70,16 +71,28 @@ def run_child(cmd: list[str], timeout: float, pinned: bool = True, src: Path | N
     if pinned:
         env |= {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
         cmd = PINNED + cmd
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=max(1.0, timeout))
-    wall = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    if proc.returncode:
-        tail = f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{tail}")
-    return {"wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "stdout": proc.stdout}
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env)
+        killer = threading.Timer(max(1.0, timeout), proc.kill)
+        killer.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, peak RSS included
+        finally:
+            killer.cancel()
+        wall = time.perf_counter() - start
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    code = os.waitstatus_to_exitcode(status)
+    if code:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({code}):\n{stdout[-2000:]}\n{stderr[-4000:]}")
+    return {
+        "wall_s": round(wall, 3),
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 3),
+        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),  # Linux reports kilobytes
+        "stdout": stdout,
+    }
 
 
 def cli(*args: str) -> list[str]:
@@ -287,6 +300,9 @@ def main() -> int:
     device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
     pinned = "taskset -c 0,1, " if PINNED else "NOT pinned (no taskset), "
     results: dict = {"machine": machine(), "tiny": args.tiny, "pinned": pinned + "OMP_NUM_THREADS=2"}
+    if BEFORE_SRC is not None:  # which code the "before" runs really import
+        where = [sys.executable, "-c", "import csulora; print(csulora.__version__, csulora.__file__)"]
+        results["before"] = run_child(where, 60, pinned=False, src=BEFORE_SRC)["stdout"].strip()
     write(results)
     # budget shares: correct 15%, 1B subspace 55%, GPU check the rest
     steps = (

@@ -196,3 +196,21 @@ def test_all_finite_agrees_with_isfinite(dtype, size, bad, huge, seed):
         t[int(where * size)] = value
     assert all_finite(t) == bool(torch.isfinite(t).all())
     assert all_finite(t.reshape(-1, 1) if size else t) == bool(torch.isfinite(t).all())
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_energies_never_negative_when_the_update_lies_in_a_float32_subspace(seed):
+    """B in span(U) and A in span(R) with a float32 basis (orthonormal to ~1e-7, as read from a file):
+    the partially aligned and off-subspace energies are zero up to rounding, never below zero."""
+    g = torch.Generator().manual_seed(seed)
+    m, n, k, r = 300, 200, 12, 4
+    U = torch.linalg.qr(torch.randn(m, k, generator=g))[0].double()
+    R = torch.linalg.qr(torch.randn(n, k, generator=g))[0].double()
+    B = U @ torch.randn(k, r, generator=g, dtype=torch.float64)
+    A = torch.randn(r, k, generator=g, dtype=torch.float64) @ R.T
+    d = decompose(LoraFactors(B, A, 2.0), U, R)
+    assert min(d.e_f, d.e_h, d.e_o) >= 0.0
+    assert d.rho_f <= 1.0 + 1e-12 and d.rho_h >= 0.0 and d.rho_o >= 0.0
+    assert d.rho_h < 1e-5 and d.rho_o < 1e-5
+    info = csulora_update(LoraFactors(B, A, 2.0), U, R, 1e8).info
+    assert info["kappa_h"] <= 1.0 and info["kappa_o"] <= 1.0

@@ -31,7 +31,7 @@ def _pair(tmp_path, dtype=torch.bfloat16, seed=0):
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (7, 3), (1500, 33), (2049, 5), (512, 700)])
-def test_frobenius_sq_matches_float64_sum(shape):
+def test_displacement_energy_matches_float64_sum(shape):
     g = torch.Generator().manual_seed(1)
     # entries spread over six orders of magnitude, as in a displacement with a few large directions
     V = torch.randn(shape, generator=g) * 10 ** (6 * torch.rand(shape, generator=g) - 3)
@@ -42,8 +42,15 @@ def test_frobenius_sq_matches_float64_sum(shape):
         assert displacement_energy(V) == pytest.approx(straightforward, rel=1e-14)
 
 
+def test_displacement_energy_falls_back_to_float64_beyond_float32_squares():
+    huge = torch.full((600, 3), 3e19)  # finite, but its float32 squares overflow
+    tiny = torch.full((600, 3), 1e-24)  # its float32 squares underflow to zero or denormals
+    for V in (huge, tiny):
+        assert displacement_energy(V) == pytest.approx(float(torch.sum(V.double() ** 2)), rel=1e-12)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_frobenius_sq_is_not_finite_when_V_is_not(bad):
+def test_displacement_energy_is_not_finite_when_V_is_not(bad):
     V = torch.randn(600, 5)
     V[599, 4] = bad  # in the tail past the last full run
     assert not math.isfinite(displacement_energy(V))
@@ -175,6 +182,53 @@ def test_ordered_map_keeps_order_sets_threads_per_worker_and_bounds_the_work_in_
     assert all(i - seen <= 3 for i, _, seen in results)
     assert peak[0] <= 2
     assert torch.get_num_threads() == before  # the caller's own count is untouched
+
+
+def _count_in_a_new_thread() -> int:
+    import threading
+
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    return seen[0]
+
+
+def test_ordered_map_worker_keeps_its_count_and_later_threads_get_the_callers():
+    """A worker whose first product comes after the other worker reset the default keeps its count;
+    afterwards a newly started thread gets the caller's count, not the one outside it."""
+    import time
+
+    from csulora.threads import ordered_map, torch_threads
+
+    def work(i):
+        if i == 1:
+            time.sleep(0.3)  # item 0 finishes and resets the default first
+        torch.ones(64, 64) @ torch.ones(64, 64)
+        return torch.get_num_threads()
+
+    with torch_threads(1):
+        assert list(ordered_map(work, range(2), workers=2, threads_each=1)) == [1, 1]
+        assert _count_in_a_new_thread() == 1
+    if torch.get_num_threads() > 1:  # on a 1-core machine the two counts are the same
+        with torch_threads(1):
+            assert list(ordered_map(work, range(2), workers=2, threads_each=2)) == [2, 2]
+            assert _count_in_a_new_thread() == 1
+
+
+def test_ordered_map_closed_early_starts_no_more_work():
+    from csulora.threads import ordered_map
+
+    started = []
+
+    def work(i):
+        started.append(i)
+        return i
+
+    results = ordered_map(work, range(100), workers=2, threads_each=1)
+    assert next(results) == 0
+    results.close()  # the consumer stops: the pool shuts down, pending items are cancelled
+    assert max(started) <= 3
 
 
 def test_ordered_map_raises_the_first_error_and_cancels_the_rest():

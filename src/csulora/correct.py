@@ -122,7 +122,9 @@ def decompose(lora: LoraFactors, U: torch.Tensor, R: torch.Tensor) -> Decomposit
     e_f = s2 * float(torch.sum(gram_b_in * gram_a_in))
     e_h = s2 * (float(torch.sum(gram_b_in * gram_a_out)) + float(torch.sum(gram_b_out * gram_a_in)))
     e_o = s2 * float(torch.sum(gram_b_out * gram_a_out))
-    return Decomposition(lora, U, R, C, D, e_f, e_h, e_o)
+    # a difference of Gram matrices can round below zero when a part is (nearly) empty, and more
+    # so with a float32 basis that is orthonormal only to ~1e-7: an energy is never negative
+    return Decomposition(lora, U, R, C, D, max(e_f, 0.0), max(e_h, 0.0), max(e_o, 0.0))
 
 
 def _check_subspace_shapes(B, A, U, R) -> None:

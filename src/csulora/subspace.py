@@ -242,13 +242,26 @@ def displacement_energy(V: torch.Tensor, run: int = 256) -> float:
 
     The float32 norm of a run of 256 entries is accurate (few terms each), and the runs' squares
     are summed in float64: 4x cheaper than squaring a float64 copy, and far more accurate than one
-    float32 norm of the whole matrix (5e-5 relative on a 8192 x 2048 displacement). Not finite
-    when V is not.
+    float32 norm of the whole matrix (5e-5 relative on a 8192 x 2048 displacement). Where float32
+    squares would overflow or underflow (entries beyond about 1e19 or below 1e-19) the sum is taken
+    in float64. Not finite when V is not.
     """
     flat = V.reshape(-1)
     cut = flat.numel() - flat.numel() % run
     runs = torch.linalg.vector_norm(flat[:cut].view(-1, run), dim=1).double()
-    return float(torch.sum(runs * runs) + torch.sum(flat[cut:].double() ** 2))
+    energy = float(torch.sum(runs * runs) + torch.sum(flat[cut:].double() ** 2))
+    if math.isfinite(energy) and energy >= FLOAT32_SAFE_SQUARES * flat.numel():
+        return energy
+    return _float64_energy(V)
+
+
+FLOAT32_SAFE_SQUARES = 1e-30  # a mean square below this has lost digits to float32 underflow
+
+
+def _float64_energy(V: torch.Tensor, rows: int = 1024) -> float:
+    """Exact ``||V||_F^2`` accumulated in float64 without a float64 copy of the whole matrix."""
+    # square_ in place on the float64 chunk: same values as ``** 2`` without a second chunk-sized buffer
+    return math.fsum(float(torch.sum(V[i : i + rows].double().square_())) for i in range(0, V.shape[0], rows))
 
 
 @dataclass

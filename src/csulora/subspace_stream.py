@@ -1,9 +1,9 @@
 """Streaming a (base, aligned) checkpoint pair into per-module safety subspaces.
 
 Module by module: the displacement ``V = W_aligned - W_base`` is read, its basis computed, and ``V``
-freed, two modules at a time (one is read while the other is decomposed), so memory holds a module
-or two, never a model. ``compute_subspace`` collects the bases into a ``Subspace``; ``correct`` consumes them
-one by one (``stream_bases``) without ever holding the whole subspace.
+freed, two modules at a time on two worker threads, so memory holds two modules, never a model.
+``compute_subspace`` collects the bases into a ``Subspace``; ``correct`` consumes them one by one
+(``stream_bases``) without ever holding the whole subspace.
 """
 
 from __future__ import annotations
@@ -167,10 +167,13 @@ def stream_bases(
     Each module is read and decomposed on its own worker thread, the two workers sharing the
     intra-op threads: while one reads, the other computes, and the sketch's narrow products run on
     one thread each instead of two threads waiting for each other (``threads.ordered_map``). Memory
-    holds two modules, as a read-ahead of one module did. Each basis records the sha256 of the two
-    weights it comes from (``stream_metadata`` chains them).
+    holds two modules' weights, displacements and sketches at most (when both workers read at
+    once). Each basis records the sha256 of the two weights it comes from (``stream_metadata``
+    chains them).
     """
     target = resolve_device(device)
+    if target.type == "cuda" and target.index is None:  # the current GPU is per thread: the caller's
+        target = torch.device("cuda", torch.cuda.current_device())
     threads_each = max(1, available_threads() // MODULE_WORKERS)
 
     def basis_of(name: str) -> tuple[str, ModuleBasis]:

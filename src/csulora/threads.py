@@ -70,16 +70,18 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, threads_
     waits, so memory holds ``workers`` pieces' worth, not all of them. An error in a piece is raised
     here, and the pieces not yet started are cancelled.
     """
-    outer = available_threads()
+    caller = torch.get_num_threads()  # what the caller runs on, and what threads started later get
 
     def run(item: T) -> R:
-        # torch keeps the intra-op thread count per thread: this sets the worker's own count, and
-        # the reset leaves the default that threads started later pick up as it was
+        # torch keeps the intra-op thread count per thread, set from the process-wide default at the
+        # thread's first parallel op: asking for it first makes that happen now, so the count set
+        # next holds even if the other worker resets the default before this one's first product
+        torch.get_num_threads()
         torch.set_num_threads(threads_each)
         try:
             return fn(item)
         finally:
-            torch.set_num_threads(outer)
+            torch.set_num_threads(caller)  # the process-wide default as the caller left it
 
     pending: deque = deque()
     with ThreadPoolExecutor(max_workers=workers) as pool:
