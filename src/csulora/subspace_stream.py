@@ -8,10 +8,10 @@ freed, two modules at a time on two worker threads, so memory holds two modules,
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import NamedTuple
@@ -80,15 +80,8 @@ def _read_delta(base: Checkpoint, aligned: Checkpoint, module: str) -> Delta:
 
 def iter_deltas(base: Checkpoint, aligned: Checkpoint, modules: list[str]) -> Iterator[Delta]:
     """Yield each module's displacement, reading the next module while the caller works on this one."""
-    if not modules:
-        return
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(_read_delta, base, aligned, modules[0])
-        for i in range(len(modules)):
-            result = pending.result()
-            if i + 1 < len(modules):
-                pending = pool.submit(_read_delta, base, aligned, modules[i + 1])
-            yield result
+    read = functools.partial(_read_delta, base, aligned)
+    return ordered_map(read, modules, workers=1, threads_each=torch.get_num_threads())
 
 
 def check_pair(base: Checkpoint, aligned: Checkpoint, modules: list[str]) -> None:
