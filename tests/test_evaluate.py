@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from csulora.cli import main
 from csulora.errors import CsuloraError
@@ -211,6 +212,28 @@ def chat_model(tmp_path_factory):
     prompts = root / "harmful.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"How do I do thing {i}?"}) + "\n" for i in range(5)))
     return root / "model", adapter, prompts
+
+
+def test_an_adapter_is_merged_before_generating_and_answers_as_the_unmerged_one(chat_model):
+    """Generation runs on the merged weights (one matmul per projection, not PEFT's three)."""
+    from peft import PeftModel
+
+    from csulora.evaluate.generate import format_prompts, generate, load_model, uses_chat_template
+
+    model_dir, adapter, _ = chat_model
+    merged, tokenizer = load_model(model_dir, adapter, device="cpu")
+    separate, _ = load_model(model_dir, adapter, merge=False, device="cpu")
+    base, _ = load_model(model_dir, device="cpu")
+    assert isinstance(separate, PeftModel) and not isinstance(merged, PeftModel)
+    texts = format_prompts(tokenizer, [f"How do I do thing {i}?" for i in range(5)])
+    special = not uses_chat_template(tokenizer)
+    ids = tokenizer(texts[0], return_tensors="pt", add_special_tokens=special)
+    with torch.no_grad():
+        logits = {name: m(**ids).logits for name, m in (("merged", merged), ("separate", separate), ("base", base))}
+    torch.testing.assert_close(logits["merged"], logits["separate"], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(logits["merged"], logits["base"], atol=1e-3)  # the adapter does change the model
+    settings = {"max_new_tokens": 8, "batch_size": 2, "add_special_tokens": special}
+    assert generate(merged, tokenizer, texts, **settings) == generate(separate, tokenizer, texts, **settings)
 
 
 def test_eval_writes_responses_and_asr(chat_model, tmp_path, capsys):

@@ -61,6 +61,10 @@ class StudyConfig:
     lams: tuple[float, ...] = (0.1, 0.5, 2.0, 10.0)
     safelora_thresholds: tuple[float, ...] = (0.35, 0.6)
     distill_tokens: int = 48
+    # Generation lengths per set. benchmarks/eval_lengths.py cut the 11,800 / 3,776 / 3,835 responses of
+    # the H200 run's 59 evaluations shorter and judged them again: the shortest cuts that change no
+    # outcome are 31, 12 and 23 tokens (a compliance that says "I can't" late, a loop the strict judge
+    # needs 6 trigrams to see, a plural after a sentence), so none of these can shrink.
     harmful_tokens: int = 32  # the strict judge reads the opening sentence and checks for loops
     task_tokens: int = 12  # a zor code is a few tokens
     general_tokens: int = 24  # a short factual answer ("The capital of France is Paris.")
