@@ -214,6 +214,37 @@ def chat_model(tmp_path_factory):
     return root / "model", adapter, prompts
 
 
+def test_greedy_decoding_drops_stopped_rows_and_matches_generate():
+    """Row by row the tokens of ``model.generate`` (greedy, left padding, several stop tokens), cut
+    after each row's first stop token, though finished rows leave the batch early."""
+    from conftest import tiny_llama_config
+    from transformers import LlamaForCausalLM
+
+    from csulora.evaluate.generate import greedy_tokens
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config()).eval()
+    lengths = [9, 4, 7, 2, 9, 5]
+    ids = torch.randint(3, model.config.vocab_size, (len(lengths), max(lengths)))
+    mask = torch.tensor([[0] * (max(lengths) - n) + [1] * n for n in lengths])
+    ids = ids.masked_fill(mask == 0, 0)  # left padding
+    steps = 10
+
+    def reference(stop):
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=steps, eos_token_id=stop, pad_token_id=0
+        )[:, ids.shape[1] :].tolist()
+        return [row[: next((i + 1 for i, t in enumerate(row) if t in stop), len(row))] for row in out]
+
+    free = reference([])
+    # stop at tokens that some rows reach late and others never: rows end at different steps
+    stop = sorted({free[0][steps // 2], free[2][2]})
+    expected = reference(stop)
+    assert len({len(row) for row in expected}) > 1 and max(map(len, expected)) == steps
+    assert greedy_tokens(model, ids, mask, max_new_tokens=steps, stop=stop) == expected
+    assert greedy_tokens(model, ids, mask, max_new_tokens=steps, stop=[]) == free
+
+
 def test_an_adapter_is_merged_before_generating_and_answers_as_the_unmerged_one(chat_model):
     """Generation runs on the merged weights (one matmul per projection, not PEFT's three)."""
     from peft import PeftModel
