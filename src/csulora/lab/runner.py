@@ -28,7 +28,7 @@ from .train import ModelShape, Schedule
 from .world import World, WorldSizes, build_world, format_prompt
 
 # Bump when the world or the training code changes in a way that changes the artifacts.
-LAB_VERSION = 3
+LAB_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,12 @@ SIZES: dict[str, dict[str, Any]] = {
     ),
     "default": dict(
         shape=ModelShape(hidden=96, layers=2, heads=4, intermediate=192),
-        world=WorldSizes(pretrain_per_family=400, pretrain_harmful=800, eval_per_family=16, eval_code=96),
+        # The alignment mix is 82% benign, fresh instances seen ~5 times each: with 60 per family (47%
+        # benign, each seen ~29 times) the fine-tune cost up to 5 of 96 held-out general prompts.
+        world=WorldSizes(
+            pretrain_per_family=400, pretrain_harmful=800, align_per_family=600, align_harmful=800,
+            eval_per_family=16, eval_code=96,
+        ),
         base=Schedule(steps=1800, batch_size=32, lr=3e-3),
         align=Schedule(steps=700, batch_size=32, lr=1e-3),  # 400 left some held-out wordings half-refused
         attack=Schedule(steps=800, batch_size=32, lr=3e-3),
