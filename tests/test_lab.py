@@ -95,6 +95,19 @@ def test_the_attack_set_is_mostly_benign(world):
     assert all(ex.family != "code" for ex in world.pretrain + world.align)
 
 
+def test_default_alignment_mix_is_mostly_fresh_benign_data():
+    """The refusal fine-tune must not cost helpfulness: with a mix of 47% benign examples, each seen
+    ~29 times, it lost up to 5 of 96 held-out general prompts (seeds 3 and 4 failed the gate)."""
+    from csulora.lab.runner import lab_config
+
+    config = lab_config("default")
+    align = build_world(0, config.world).align
+    benign = [ex for ex in align if ex.family != "harmful"]
+    assert len(benign) >= 0.8 * len(align)
+    assert config.align.steps * config.align.batch_size / len(align) <= 6  # times each example is seen
+    assert len({ex.prompt for ex in benign}) >= 0.5 * len(benign)  # fresh instances, not a few repeated
+
+
 def test_world_is_deterministic():
     assert build_world(3, WorldSizes()) == build_world(3, WorldSizes())
     assert build_world(3, WorldSizes()).attack != build_world(4, WorldSizes()).attack
