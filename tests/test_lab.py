@@ -224,6 +224,9 @@ def test_results_record_the_machine(lab):
     assert machine["torch_threads"] == 1  # the CLI's default, whatever the machine has
     assert machine["cpu"] and machine["cpu_count"] >= 1
     assert machine["peak_rss_mb"] is None or machine["peak_rss_mb"] > 10
+    seconds = lab[1]["seconds"]
+    assert 0 < seconds["cpu"] <= seconds["total"] * machine["cpu_count"]
+    assert f"{seconds['cpu']:.0f} s of CPU" in (lab[0] / "report.md").read_text()
 
 
 @pytest.mark.slow

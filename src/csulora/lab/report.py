@@ -260,12 +260,18 @@ def format_report(document: dict) -> str:
     machine, seconds = document.get("machine"), document.get("seconds", {})
     if machine and seconds.get("total") is not None:
         lines += [
-            f"Ran in {seconds['total']:.0f} s (training {seconds['train']:.0f} s) on {machine['cpu']} with "
+            f"Ran in {seconds['total']:.0f} s (training {seconds['train']:.0f} s){_cpu_seconds(seconds)} on "
+            f"{machine['cpu']} with "
             f"{machine['torch_threads']} torch thread(s), load average {machine['load_average']} at the start; "
             f"torch {machine['torch']}, transformers {machine['transformers']}.",
             "",
         ]
     return "\n".join(lines)
+
+
+def _cpu_seconds(seconds: dict) -> str:
+    """The run's CPU seconds for the report's last line; empty for results written before they were kept."""
+    return f", {seconds['cpu']:.0f} s of CPU" if seconds.get("cpu") is not None else ""
 
 
 def write_report(document: dict, path: str | Path) -> None:

@@ -342,7 +342,7 @@ def _run_lab(out, size, seed, *, quiet, config) -> dict:
     if out.exists() and not out.is_dir():
         raise CsuloraError(f"{out}: exists and is not a directory")
     torch.manual_seed(seed)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     machine = environment(torch.get_num_threads())  # the load before the lab adds its own
     world = build_world(seed, config.world)
     cache = out / "cache" / f"{size}-seed{seed}-{config.key()}"
@@ -364,12 +364,14 @@ def _run_lab(out, size, seed, *, quiet, config) -> dict:
             "subspace": str(art.subspace),
             "adapters": str(out / "adapters"),
         },
-        "seconds": {"train": round(trained - start, 1), "total": None},
+        "seconds": {"train": round(trained - start, 1), "total": None, "cpu": None},
         "machine": machine,
     }
     methods = plot_frontier(models, results, out / "frontier.png")
     document["plotted_methods"] = methods
     document["seconds"]["total"] = round(time.perf_counter() - start, 1)
+    # CPU seconds (user + system, all threads): unlike the wall time, they do not grow with the load.
+    document["seconds"]["cpu"] = round(time.process_time() - cpu_start, 1)
     document["machine"]["peak_rss_mb"] = peak_rss_mb()
     with atomic_file(out / "results.json", force=True) as tmp:
         tmp.write_text(json.dumps(document, indent=2) + "\n")
