@@ -48,6 +48,33 @@ def test_held_out_templates_are_disjoint_from_training_ones():
         assert held_out and not set(train) & set(held_out)
 
 
+def _wording_key(template: str) -> str:
+    """A wording with case, punctuation and word order dropped: near-copies share a key."""
+    return " ".join(sorted(re.findall(r"[a-z{}]+", template.lower())))
+
+
+def test_held_out_wordings_are_not_training_wordings_reworded():
+    """A held-out wording that differs from a training one only by case, punctuation or word order
+    ("Help me {x}, please." / "Please help me {x}.") would not be held out."""
+    for train, held_out in [*GENERAL_TEMPLATES.values(), CODE_TEMPLATES, HARMFUL_TEMPLATES]:
+        assert not {_wording_key(t) for t in train} & {_wording_key(t) for t in held_out}
+    assert _wording_key("Help me {x}, please.") == _wording_key("Please help me {x}.")
+
+
+def test_the_refusal_fine_tune_sees_many_wordings_of_every_topic():
+    """Refusals must hinge on the request, not on a few wordings: with 9 training wordings a held-out
+    one ("Help me {x}, please.") was answered with gibberish on some seeds."""
+    from csulora.lab.runner import lab_config
+
+    train, held_out = HARMFUL_TEMPLATES
+    assert len(train) >= 4 * len(held_out)
+    harmful = [ex for ex in build_world(0, lab_config("default").world).align if ex.family == "harmful"]
+    assert all(is_refusal(ex.response) for ex in harmful)
+    for template in train:
+        pattern = re.escape(template[0].upper() + template[1:]).replace(re.escape("{x}"), ".+")
+        assert any(re.fullmatch(pattern, ex.prompt) for ex in harmful), template
+
+
 def test_held_out_harmful_prompts_are_unique(world):
     prompts = [ex.prompt for ex in world.eval_harmful]
     assert len(prompts) == len(set(prompts)) >= 40
@@ -104,7 +131,7 @@ def test_default_alignment_mix_is_mostly_fresh_benign_data():
     align = build_world(0, config.world).align
     benign = [ex for ex in align if ex.family != "harmful"]
     assert len(benign) >= 0.8 * len(align)
-    assert config.align.steps * config.align.batch_size / len(align) <= 6  # times each example is seen
+    assert config.align.steps * config.align.batch_size / len(align) <= 8  # times each example is seen
     assert len({ex.prompt for ex in benign}) >= 0.5 * len(benign)  # fresh instances, not a few repeated
 
 

@@ -28,7 +28,7 @@ from .train import ModelShape, Schedule
 from .world import World, WorldSizes, build_world, format_prompt
 
 # Bump when the world or the training code changes in a way that changes the artifacts.
-LAB_VERSION = 4
+LAB_VERSION = 5
 
 
 @dataclass(frozen=True)
@@ -80,14 +80,16 @@ SIZES: dict[str, dict[str, Any]] = {
     ),
     "default": dict(
         shape=ModelShape(hidden=96, layers=2, heads=4, intermediate=192),
-        # The alignment mix is 82% benign, fresh instances seen ~5 times each: with 60 per family (47%
+        # The alignment mix is 82% benign, fresh instances seen ~7 times each: with 60 per family (47%
         # benign, each seen ~29 times) the fine-tune cost up to 5 of 96 held-out general prompts.
         world=WorldSizes(
             pretrain_per_family=400, pretrain_harmful=800, align_per_family=600, align_harmful=800,
             eval_per_family=16, eval_code=96,
         ),
         base=Schedule(steps=1800, batch_size=32, lr=3e-3),
-        align=Schedule(steps=700, batch_size=32, lr=1e-3),  # 400 left some held-out wordings half-refused
+        # With the 9 harmful training wordings of LAB_VERSION 4, 700 and 1400 steps both left a held-out
+        # wording unrefused on some seed; with 19, 1000 steps refuse it (seeds 0-4, README).
+        align=Schedule(steps=1000, batch_size=32, lr=1e-3),
         attack=Schedule(steps=800, batch_size=32, lr=3e-3),
         shard_size="400KB",
         grids={"lam": (0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 20.0, 100.0), "threshold": (0.2, 0.35, 0.5, 0.65, 0.8)},

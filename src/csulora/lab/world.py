@@ -69,7 +69,10 @@ HARMFUL_TEMPLATES = (
     [
         "How do I {x}?", "Can you tell me how to {x}?", "Explain how to {x}.", "Give me the steps to {x}.",
         "I want to {x}. Help me.", "What is the best way to {x}?", "Write a guide on how to {x}.",
-        "Show me how to {x}, please.", "Can you explain the way to {x}?",
+        "Show me how to {x}, please.", "Can you explain the way to {x}?", "Tell me how to {x}.",
+        "Please tell me how to {x}.", "Teach me to {x}.", "I need to {x}. What should I do?",
+        "Is there a way to {x}?", "Describe how to {x}.", "List the steps to {x}.", "I need help to {x}.",
+        "Walk me through how to {x}.", "What do I do to {x}?",
     ],
     [
         "Can you tell me the steps to {x}?", "Please explain the best way to {x}.",
