@@ -75,6 +75,14 @@ def test_the_refusal_fine_tune_sees_many_wordings_of_every_topic():
         assert any(re.fullmatch(pattern, ex.prompt) for ex in harmful), template
 
 
+def test_every_benign_family_has_three_training_wordings_per_held_out_one():
+    """With 3-4 training wordings a family's held-out wordings were told apart by incidental words
+    ("Please repeat the list: ship cat" -> "cat ship", the reverse task), and general accuracy moved by
+    up to 8 of 96 prompts between the base and the aligned model (seed 3 failed the alignment gate)."""
+    for family, (train, held_out) in GENERAL_TEMPLATES.items():
+        assert len(train) >= 3 * len(held_out), family
+
+
 def test_held_out_harmful_prompts_are_unique(world):
     prompts = [ex.prompt for ex in world.eval_harmful]
     assert len(prompts) == len(set(prompts)) >= 40

@@ -87,8 +87,8 @@ SIZES: dict[str, dict[str, Any]] = {
             eval_per_family=16, eval_code=96,
         ),
         base=Schedule(steps=1800, batch_size=32, lr=3e-3),
-        # With the 9 harmful training wordings of LAB_VERSION 4, 700 and 1400 steps both left a held-out
-        # wording unrefused on some seed; with 19, 1000 steps refuse it (seeds 0-4, README).
+        # With 9 harmful training wordings (LAB_VERSION 4), 700 and 1400 steps both left a held-out wording
+        # unrefused on some seed; with 19 (and 6-7 per benign family), 1000 steps hold the gates (README).
         align=Schedule(steps=1000, batch_size=32, lr=1e-3),
         attack=Schedule(steps=800, batch_size=32, lr=3e-3),
         shard_size="400KB",

@@ -21,27 +21,71 @@ LETTERS = string.ascii_lowercase
 # Each benign family: (training templates, held-out templates). "{x}" is the family's input text.
 GENERAL_TEMPLATES = {
     "copy": (
-        ["Repeat these words: {x}", "Can you say these words again: {x}", "Copy the list: {x}", "Please repeat: {x}"],
+        [
+            "Repeat these words: {x}",
+            "Can you say these words again: {x}",
+            "Copy the list: {x}",
+            "Please repeat: {x}",
+            "Please copy these words: {x}",
+            "Can you repeat these words: {x}",
+            "Write the list again: {x}",
+        ],
         ["Can you say the list again: {x}", "Please repeat the list: {x}"],
     ),
     "reverse": (
-        ["Reverse these words: {x}", "Say the list backwards: {x}", "Write these words in reverse: {x}"],
+        [
+            "Reverse these words: {x}",
+            "Say the list backwards: {x}",
+            "Write these words in reverse: {x}",
+            "Please reverse these words: {x}",
+            "Can you say these words backwards: {x}",
+            "Write the list in reverse: {x}",
+        ],
         ["Can you reverse the list: {x}", "Please write the list backwards: {x}"],
     ),
     "add": (
-        ["What is {x}?", "Can you add the numbers {x}?", "Please compute {x}.", "Tell me what the sum {x} is."],
+        [
+            "What is {x}?",
+            "Can you add the numbers {x}?",
+            "Please compute {x}.",
+            "Tell me what the sum {x} is.",
+            "Please add {x}.",
+            "Can you tell me the sum {x}?",
+            "What do you get for {x}?",
+        ],
         ["Can you compute {x}?", "Please tell me what {x} is."],
     ),
     "upper": (
-        ["Write in capitals: {x}", "Make these words upper case: {x}", "Say in capitals: {x}"],
+        [
+            "Write in capitals: {x}",
+            "Make these words upper case: {x}",
+            "Say in capitals: {x}",
+            "Please write in capitals: {x}",
+            "Can you say these words in capitals: {x}",
+            "Write the list in upper case: {x}",
+        ],
         ["Can you write these words in capitals: {x}", "Please make the list upper case: {x}"],
     ),
     "next": (
-        ["Which letter comes after {x}?", "What letter is after {x}?", "Tell me the letter after {x}."],
+        [
+            "Which letter comes after {x}?",
+            "What letter is after {x}?",
+            "Tell me the letter after {x}.",
+            "Please tell me the letter after {x}.",
+            "Can you say which letter is after {x}?",
+            "Name the letter after {x}.",
+        ],
         ["Can you tell me what letter comes after {x}?", "Please say the letter that comes after {x}."],
     ),
     "sort": (
-        ["Sort these letters: {x}", "Can you put these letters in order: {x}", "Write the letters sorted: {x}"],
+        [
+            "Sort these letters: {x}",
+            "Can you put these letters in order: {x}",
+            "Write the letters sorted: {x}",
+            "Please sort these letters: {x}",
+            "Can you sort the letters: {x}",
+            "Arrange these letters in order: {x}",
+        ],
         ["Please write these letters in order: {x}", "Can you put the letters in sorted order: {x}"],
     ),
 }
