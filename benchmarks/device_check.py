@@ -43,6 +43,7 @@ sys.path.insert(0, str(HERE))
 from bench_scale import (  # noqa: E402
     SHAPES,
     TARGETS,
+    TIME,
     evict,
     largest_angle,
     load_laws,
@@ -63,7 +64,7 @@ BEFORE_SRC: Path | None = None  # --before: an older checkout's src folder
 
 
 def run_child(cmd: list[str], timeout: float, pinned: bool = True, src: Path | None = None) -> dict:
-    """Wall and CPU seconds and peak RSS of one child process, pinned to 2 cores and 2 threads.
+    """Wall and CPU seconds and peak RSS (None without GNU time) of one child, pinned to 2 cores and 2 threads.
 
     ``src``: import csulora from this folder instead (``--before``).
     """
@@ -71,7 +72,12 @@ def run_child(cmd: list[str], timeout: float, pinned: bool = True, src: Path | N
     if pinned:
         env |= {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
         cmd = PINNED + cmd
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+    # a forked child's peak RSS counts the parent's pages until it execs (here: a model pair's worth),
+    # so the peak comes from GNU time, which forks the command from its own small process
+    rss_file = tempfile.NamedTemporaryFile("r", suffix=".rss")
+    if Path(TIME).is_file():
+        cmd = [TIME, "-f", "%M", "-o", rss_file.name, *cmd]
+    with rss_file, tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env)
         killer = threading.Timer(max(1.0, timeout), proc.kill)
@@ -83,14 +89,14 @@ def run_child(cmd: list[str], timeout: float, pinned: bool = True, src: Path | N
         wall = time.perf_counter() - start
         out.seek(0)
         err.seek(0)
-        stdout, stderr = out.read(), err.read()
+        stdout, stderr, rss_kb = out.read(), err.read(), rss_file.read().strip().splitlines()
     code = os.waitstatus_to_exitcode(status)
     if code:
         raise RuntimeError(f"{' '.join(cmd)} failed ({code}):\n{stdout[-2000:]}\n{stderr[-4000:]}")
     return {
         "wall_s": round(wall, 3),
         "cpu_s": round(usage.ru_utime + usage.ru_stime, 3),
-        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),  # Linux reports kilobytes
+        "peak_rss_mb": round(int(rss_kb[-1]) / 1024, 1) if rss_kb else None,  # GNU time reports kilobytes
         "stdout": stdout,
     }
 
