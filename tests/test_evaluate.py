@@ -244,6 +244,12 @@ def test_greedy_decoding_drops_stopped_rows_and_matches_generate():
     assert greedy_tokens(model, ids, mask, max_new_tokens=steps, stop=stop) == expected
     assert greedy_tokens(model, ids, mask, max_new_tokens=steps, stop=[]) == free
 
+    # a generation config that changes the logits (a repetition penalty) is honoured, as generate does
+    model.generation_config.repetition_penalty = 1.5
+    penalised = reference(stop)
+    assert penalised != expected  # the penalty changes this model's answers
+    assert greedy_tokens(model, ids, mask, max_new_tokens=steps, stop=stop) == penalised
+
 
 def test_an_adapter_is_merged_before_generating_and_answers_as_the_unmerged_one(chat_model):
     """Generation runs on the merged weights (one matmul per projection, not PEFT's three)."""

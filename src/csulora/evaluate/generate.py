@@ -98,6 +98,29 @@ def stop_ids(model, tokenizer) -> list[int]:
     return ids
 
 
+# generation-config settings that change greedy decoding's logits, with their neutral values
+LOGIT_SETTINGS = {
+    "repetition_penalty": (None, 1.0),
+    "encoder_repetition_penalty": (None, 1.0),
+    "no_repeat_ngram_size": (None, 0),
+    "min_new_tokens": (None, 0),
+    "min_length": (None, 0),
+    "suppress_tokens": (None, []),
+    "begin_suppress_tokens": (None, []),
+    "bad_words_ids": (None,),
+    "sequence_bias": (None,),
+    "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,),
+}
+
+
+def plain_greedy(model) -> bool:
+    """The model's generation config leaves greedy decoding's logits alone (Qwen2.5's, for one, does not:
+    it sets ``repetition_penalty`` 1.05)."""
+    config = getattr(model, "generation_config", None)
+    return config is None or all(getattr(config, key, None) in neutral for key, neutral in LOGIT_SETTINGS.items())
+
+
 @torch.no_grad()
 def greedy_tokens(model, input_ids, attention_mask, *, max_new_tokens: int, stop: list[int]) -> list[list[int]]:
     """Each row's greedy continuation, up to and including its first stop token.
@@ -105,8 +128,19 @@ def greedy_tokens(model, input_ids, attention_mask, *, max_new_tokens: int, stop
     What ``model.generate(do_sample=False)`` computes (same position ids from the left-padded mask,
     same KV cache), except that a row leaves the batch as soon as it has stopped: ``generate`` goes on
     computing finished rows until the last one stops, which on CPU costs a third of the decoding of
-    an adapter whose answers are short but whose batch holds one that loops to the limit.
+    an adapter whose answers are short but whose batch holds one that loops to the limit. A model
+    whose generation config changes the logits (``plain_greedy``) is decoded by ``generate`` itself.
     """
+    if not plain_greedy(model):
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=stop or None,
+            pad_token_id=stop[0] if stop else 0,
+        )[:, input_ids.shape[1] :].tolist()
+        return [row[: next((i + 1 for i, t in enumerate(row) if t in stop), len(row))] for row in out]
     import inspect
 
     from transformers import DynamicCache
@@ -118,7 +152,7 @@ def greedy_tokens(model, input_ids, attention_mask, *, max_new_tokens: int, stop
     positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
     rows = list(range(len(input_ids)))
     tokens: list[list[int]] = [[] for _ in rows]
-    stop_ids = torch.tensor(stop, device=input_ids.device)
+    stop_ids = torch.tensor(stop, dtype=torch.long, device=input_ids.device)
     step_input, mask = input_ids, attention_mask
     for step in range(max_new_tokens):
         logits = model(
