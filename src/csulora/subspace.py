@@ -145,10 +145,12 @@ def _krylov_svd(
         sigma = eigenvalues.flip(0).clamp_min(0).sqrt()
         k = choose_rank(sigma, total_energy, tau, cap)
         W = vectors.flip(1)[:, :k].to(V.dtype)
-        if k < len(sigma) and _converged(Q, backs, W, sigma, k):
-            # Rayleigh-Ritz on the k accepted right vectors: U orthonormal to working precision
-            U, sigma_k, Wh = torch.linalg.svd(Y @ W, full_matrices=False)
-            return U, sigma_k, Q @ W @ Wh.T
+        if k < len(sigma):
+            ritz_right = Q @ W  # the top-k Ritz vectors r_i, for the bound and, if accepted, for R
+            if _converged(ritz_right, backs @ W, sigma, k):
+                # Rayleigh-Ritz on the k accepted right vectors: U orthonormal to working precision
+                U, sigma_k, Wh = torch.linalg.svd(Y @ W, full_matrices=False)
+                return U, sigma_k, ritz_right @ Wh.T
         if width + block > max_width:
             return None
         for _ in range(2):  # classical Gram-Schmidt, twice: float32 keeps the basis orthonormal
@@ -156,14 +158,17 @@ def _krylov_svd(
         new_Q = torch.linalg.qr(back)[0]
 
 
-def _converged(Q: torch.Tensor, backs: torch.Tensor, W: torch.Tensor, sigma: torch.Tensor, k: int) -> bool:
-    """Wedin's bound on the top-k Ritz vectors' angle, ``||V^T u_i - s_i r_i|| / (s_k - s_k+1)``, is small."""
+def _converged(ritz_right: torch.Tensor, back_w: torch.Tensor, sigma: torch.Tensor, k: int) -> bool:
+    """Wedin's bound on the top-k Ritz vectors' angle, ``||V^T u_i - s_i r_i|| / (s_k - s_k+1)``, is small.
+
+    ``ritz_right``: the vectors ``r_i = Q w_i``; ``back_w``: ``(V^T V Q) w_i``.
+    """
     gap = float(sigma[k - 1] - sigma[k])
     if gap <= 0:
         return False
-    s = sigma[:k].to(W.dtype)
+    s = sigma[:k].to(ritz_right.dtype)
     # V r_i = s_i u_i exactly, and V^T u_i = (V^T V Q) w_i / s_i
-    residual = backs @ W / s - (Q @ W) * s
+    residual = back_w / s - ritz_right * s
     return float(torch.linalg.matrix_norm(residual, 2)) <= math.sin(math.radians(KRYLOV_TOLERANCE_DEG)) * gap
 
 

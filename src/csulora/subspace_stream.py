@@ -57,8 +57,8 @@ def _read_delta(base: Checkpoint, aligned: Checkpoint, module: str) -> Delta:
     digests = tensor_digest(W_b), tensor_digest(W_a)
     V = W_a.to(torch.float32, copy=True)  # a float32 W_a must not be modified in place below
     V -= W_b  # type promotion reads W_b in its own dtype: no float32 copy of the base weight
-    # V is finite iff both weights are (or their difference overflowed), and its norm is finite iff V
-    # is (or the sum of squares overflowed): one pass over V gives both the check and the size of V;
+    # V is finite iff both weights are (or their difference overflowed), and its energy is finite iff
+    # V is: one pass over V gives both the check and the size of V;
     # the weights are checked elementwise only when something is wrong, to name the culprit
     energy = displacement_energy(V)
     norm_v = math.sqrt(energy)
@@ -170,7 +170,7 @@ def stream_bases(
     threads_each = max(1, available_threads() // MODULE_WORKERS)
 
     def basis_of(name: str) -> tuple[str, ModuleBasis]:
-        return name, _module_basis(_read_delta(base, aligned, name), settings, target)
+        return name, _basis_with_digests(_read_delta(base, aligned, name), settings, target)
 
     with tqdm(total=len(names), desc="subspace", disable=not progress) as bar:
         for name, basis in ordered_map(basis_of, names, MODULE_WORKERS, threads_each):
@@ -178,7 +178,7 @@ def stream_bases(
             bar.update()
 
 
-def _module_basis(delta: Delta, settings: SubspaceSettings, target: torch.device) -> ModuleBasis:
+def _basis_with_digests(delta: Delta, settings: SubspaceSettings, target: torch.device) -> ModuleBasis:
     """One module's basis (on the CPU) with the weights' digests; ``V`` is freed before it returns."""
     V, sha256 = delta.V, {"base": delta.digest_base.hex(), "aligned": delta.digest_aligned.hex()}
     m, n = V.shape
