@@ -79,9 +79,9 @@ def encode(
     have label -100.
     """
     rows = []
+    end = tokenizer.eos_token_id if end_id is None else end_id
     for ex in examples:
         prompt = tokenizer(prompt_format(ex.prompt), add_special_tokens=False)["input_ids"]
-        end = tokenizer.eos_token_id if end_id is None else end_id
         response = tokenizer(ex.response, add_special_tokens=False)["input_ids"] + [end]
         rows.append((prompt + response, [-100] * len(prompt) + response))
     length = max(len(ids) for ids, _ in rows)
