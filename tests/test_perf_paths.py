@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from csulora.checkpoint import Checkpoint
 from csulora.errors import CsuloraError
 from csulora.subspace import SubspaceSettings, displacement_energy, module_basis
-from csulora.subspace_stream import _read_delta, iter_deltas
+from csulora.subspace_stream import _read_delta, float32_difference, iter_deltas
 
 
 def _checkpoint(path, tensors):
@@ -56,6 +56,29 @@ def test_displacement_energy_is_not_finite_when_V_is_not(bad):
     assert not math.isfinite(displacement_energy(V))
     V[0, 0] = bad
     assert not math.isfinite(displacement_energy(V))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (5, 3), (257, 4), (600, 9), (3, 2, 7)])
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16,) * 2, (torch.float16,) * 2, (torch.bfloat16, torch.float32)])
+def test_float32_difference_is_torchs_float32_subtraction(shape, dtypes):
+    g = torch.Generator().manual_seed(2)
+    a, b = (torch.randn(shape, generator=g) * 10 ** (8 * torch.rand(shape, generator=g) - 4) for _ in range(2))
+    a, b = a.to(dtypes[0]), b.to(dtypes[1])
+    # values a shift must carry exactly: signed zeros, infinities, NaN, the smallest subnormal bfloat16
+    special = torch.tensor([-0.0, float("inf"), -float("inf"), float("nan"), 9.2e-41]).to(dtypes[0])
+    flat = a.view(-1)
+    flat[: min(flat.numel(), 5)] = special[: flat.numel()]
+    expected = a.float() - b.float()
+    before = a.clone()
+    for rows in (1, 2, 256):
+        V = float32_difference(a, b, rows=rows)
+        assert V.dtype == torch.float32 and V.shape == a.shape
+        assert torch.equal(V.view(torch.int32), expected.view(torch.int32))  # same bits, NaN included
+    # non-contiguous weights (a transposed view from a pickled checkpoint) give the same numbers
+    if a.dim() == 2:
+        assert torch.equal(float32_difference(a.T, b.T).view(torch.int32), expected.T.contiguous().view(torch.int32))
+    # the weights are left as they were (a float32 minuend is copied, not subtracted from in place)
+    assert torch.equal(a.float().view(torch.int32), before.float().view(torch.int32))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

@@ -16,6 +16,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -55,8 +56,7 @@ def _read_delta(base: Checkpoint, aligned: Checkpoint, module: str) -> Delta:
             f"{tuple(W_b.shape)}; base and aligned must be the same architecture"
         )
     digests = tensor_digest(W_b), tensor_digest(W_a)
-    V = W_a.to(torch.float32, copy=True)  # a float32 W_a must not be modified in place below
-    V -= W_b  # type promotion reads W_b in its own dtype: no float32 copy of the base weight
+    V = float32_difference(W_a, W_b)
     # V is finite iff both weights are (or their difference overflowed), and its energy is finite iff
     # V is: one pass over V gives both the check and the size of V;
     # the weights are checked elementwise only when something is wrong, to name the culprit
@@ -76,6 +76,28 @@ def _read_delta(base: Checkpoint, aligned: Checkpoint, module: str) -> Delta:
         <= NEGLIGIBLE * float(torch.linalg.vector_norm(W_a, dtype=torch.promote_types(W_a.dtype, torch.float32)))
     )
     return Delta(module, V, *digests, negligible, energy)
+
+
+def float32_difference(minuend: torch.Tensor, subtrahend: torch.Tensor, rows: int = 256) -> torch.Tensor:
+    """``minuend - subtrahend`` in float32 (each weight cast to float32, then subtracted), a new tensor.
+
+    bfloat16 weights (most released checkpoints) go through numpy a block of rows at a time: a
+    bfloat16 is the top half of a float32, so a 16-bit shift casts it exactly, 4x faster than torch's
+    cast on CPU, and only a block of the subtrahend is ever float32. The same bits as torch's.
+    """
+    if not (minuend.dtype == subtrahend.dtype == torch.bfloat16) or minuend.device.type != "cpu":
+        V = minuend.to(torch.float32, copy=True)  # a float32 minuend must not be modified in place below
+        V -= subtrahend  # type promotion reads it in its own dtype: no float32 copy of the subtrahend
+        return V
+    high, low = (W.contiguous().view(torch.int16).numpy().view(np.uint16) for W in (minuend, subtrahend))
+    bits, block = np.empty(high.shape, np.uint32), np.empty((rows, *high.shape[1:]), np.uint32)
+    V, low_block = bits.view(np.float32), block.view(np.float32)
+    for start in range(0, len(high), rows):
+        end = min(start + rows, len(high))
+        np.left_shift(high[start:end], 16, out=bits[start:end], dtype=np.uint32)
+        np.left_shift(low[start:end], 16, out=block[: end - start], dtype=np.uint32)
+        np.subtract(V[start:end], low_block[: end - start], out=V[start:end])
+    return torch.from_numpy(V)
 
 
 def iter_deltas(base: Checkpoint, aligned: Checkpoint, modules: list[str]) -> Iterator[Delta]:
