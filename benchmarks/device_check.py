@@ -5,7 +5,9 @@ returns what it measured:
 
 1. ``correct`` whole process at Llama-2-7B shape with a cached subspace (synthetic r=16 adapter on all
    224 linear modules, synthetic subspace file with k = 24), pinned to 2 cores, 2 threads; plus
-   ``import torch`` and ``import csulora.cli`` alone for the import share.
+   ``import torch`` and ``import csulora.cli`` alone for the import share, and the floor: a process
+   that imports torch, reads the adapter and every basis and writes an adapter of the corrected
+   rank, with no check and no algebra (``--correct-floor-worker``).
 2. At Llama-3.2-1B shape with the real pair's power-law spectra (``benchmarks/spectra/``): the read
    floor (both checkpoints' target weights streamed, no compute) cold and warm, then ``csulora
    subspace`` with the adaptive (block Krylov) sketch and with the full-width sketch (``--full-width``:
@@ -139,6 +141,22 @@ def synthetic_subspace(cfg: dict, path: Path, k: int) -> None:
     Subspace(bases, {"settings": {"energy": 0.8}}).save(path, force=True)
 
 
+def correct_floor_worker(adapter: str, subspace: str, out: str) -> None:
+    """What ``correct`` cannot avoid, and nothing else: import torch, read the adapter and every basis,
+    write an adapter of the corrected rank (each factor twice, as the rank-2r closed form has it)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(subspace, framework="pt") as f:
+        checksum = sum(float(f.get_tensor(key).sum()) for key in f.keys())  # touch every page
+    with safe_open(str(Path(adapter) / "adapter_model.safetensors"), framework="pt") as f:
+        doubled = {key: torch.cat([f.get_tensor(key)] * 2, dim=1 if "lora_B" in key else 0) for key in f.keys()}
+    Path(out).mkdir(parents=True, exist_ok=True)
+    save_file(doubled, str(Path(out) / "adapter_model.safetensors"))
+    shutil.copy(Path(adapter) / "adapter_config.json", out)
+    print(json.dumps({"checksum": checksum}))
+
+
 def step_correct(work: Path, shape: str, results: dict, deadline: float) -> None:
     cfg = dict(SHAPES[shape])
     adapter = write_adapter(work, cfg, work / "no-model")
@@ -150,13 +168,14 @@ def step_correct(work: Path, shape: str, results: dict, deadline: float) -> None
         "import_csulora_cli": run_child([sys.executable, "-c", "import csulora.cli"], deadline - time.time()),
     }
     cmd = cli("correct", str(adapter), "-o", str(out), "--subspace", str(sub), "-q")
-    for label, src in (("", None), ("_before", BEFORE_SRC)):
-        if label and src is None:
+    floor = [sys.executable, __file__, "--correct-floor-worker", str(adapter), str(sub), str(out)]
+    for label, src, command in (("", None, cmd), ("_before", BEFORE_SRC, cmd), ("_floor", None, floor)):
+        if label == "_before" and src is None:
             continue
         runs = []
         for _ in range(3):
             shutil.rmtree(out, ignore_errors=True)
-            runs.append(run_child(cmd, deadline - time.time(), src=src))
+            runs.append(run_child(command, deadline - time.time(), src=src))
         rows[f"correct_runs{label}"] = [{k: v for k, v in r.items() if k != "stdout"} for r in runs]
         rows[f"correct_best{label}"] = min(rows[f"correct_runs{label}"], key=lambda r: r["wall_s"])
     for r in rows.values():
@@ -287,6 +306,9 @@ def write(results: dict) -> None:
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--full-width-worker":
         full_width_worker(sys.argv[2:])
+    if len(sys.argv) > 1 and sys.argv[1] == "--correct-floor-worker":
+        correct_floor_worker(*sys.argv[2:5])
+        return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="results.json goes here")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/csulora-device-check"))
