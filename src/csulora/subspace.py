@@ -353,16 +353,11 @@ def is_subspace_file(path: Path) -> bool:
 
 
 class _FileBases(Mapping):
-    """Bases read from the subspace file one module at a time, so memory holds a module, not all.
-
-    The file is opened once, on the first read: each opening parses the whole header (three tensors
-    and the metadata of every module), which cost more than checking the basis read.
-    """
+    """Bases read from the subspace file one module at a time, so memory holds a module, not all."""
 
     def __init__(self, path: Path, modules: dict):
         self.path = path
         self.meta = modules
-        self._file = None
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.meta)
@@ -374,9 +369,8 @@ class _FileBases(Mapping):
         if name not in self.meta:
             raise KeyError(name)
         try:
-            if self._file is None:
-                self._file = safe_open(str(self.path), framework="pt")
-            U, R, sigma = (self._file.get_tensor(f"{name}.{part}") for part in ("U", "R", "sigma"))
+            with safe_open(str(self.path), framework="pt") as f:
+                U, R, sigma = (f.get_tensor(f"{name}.{part}") for part in ("U", "R", "sigma"))
         except (SafetensorError, OSError) as exc:
             raise read_failure(self.path, exc, f"cannot read module {name}") from None
         basis = ModuleBasis(U, R, sigma, float(self.meta[name]["total_energy"]), self.meta[name].get("sha256"))
