@@ -330,3 +330,15 @@ def test_adapter_from_another_model_name_warns(tmp_path, llama_adapter, subspace
     assert run("correct", other, "-o", tmp_path / "out", "--subspace", subspace_file, "-q") == 0
     err = capsys.readouterr().err
     assert "csulora: warning:" in err and "someone/other-chat" in err
+
+
+def test_only_commands_that_stream_checkpoints_map_large_allocations():
+    from csulora.cli import _streams_checkpoints, build_parser
+
+    def streams(*argv: str) -> bool:
+        return _streams_checkpoints(build_parser().parse_args(argv))
+
+    assert streams("subspace", "--base", "b", "--aligned", "a", "--targets", "q_proj", "-o", "s.safetensors")
+    assert streams("correct", "adapter", "--base", "b", "-o", "out")
+    assert not streams("correct", "adapter", "--subspace", "s.safetensors", "-o", "out")
+    assert not streams("inspect", "adapter", "--subspace", "s.safetensors")
