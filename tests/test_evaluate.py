@@ -214,39 +214,54 @@ def chat_model(tmp_path_factory):
     return root / "model", adapter, prompts
 
 
-def test_greedy_decoding_drops_stopped_rows_and_matches_generate():
-    """Row by row the tokens of ``model.generate`` (greedy, left padding, several stop tokens), cut
-    after each row's first stop token, though finished rows leave the batch early."""
+def _tiny_model(kind: str):
     from conftest import tiny_llama_config
-    from transformers import LlamaForCausalLM
-
-    from csulora.evaluate.generate import greedy_tokens
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny_llama_config()).eval()
+    if kind == "llama":
+        return LlamaForCausalLM(tiny_llama_config()).eval()
+    # hybrids whose cache holds recurrent (convolution / linear-attention) states beside keys and values
+    layer_types = {"lfm2": ["conv", "full_attention"], "qwen3_next": ["linear_attention", "full_attention"]}[kind]
+    config = AutoConfig.for_model(
+        kind, vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, layer_types=layer_types,
+    )  # fmt: skip
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def _greedy_reference(model, ids, mask, steps, stop):
+    out = model.generate(
+        input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=steps, eos_token_id=stop, pad_token_id=0
+    )[:, ids.shape[1] :].tolist()
+    return [row[: next((i + 1 for i, t in enumerate(row) if t in stop), len(row))] for row in out]
+
+
+@pytest.mark.parametrize("kind", ["llama", "lfm2", "qwen3_next"])
+def test_greedy_decoding_drops_stopped_rows_and_matches_generate(kind):
+    """Row by row the tokens of ``model.generate`` (greedy, left padding, several stop tokens), cut
+    after each row's first stop token, though finished rows leave the batch (and every layer's cache,
+    recurrent states included) early."""
+    from csulora.evaluate.generate import greedy_tokens
+
+    model = _tiny_model(kind)
     lengths = [9, 4, 7, 2, 9, 5]
     ids = torch.randint(3, model.config.vocab_size, (len(lengths), max(lengths)))
     mask = torch.tensor([[0] * (max(lengths) - n) + [1] * n for n in lengths])
     ids = ids.masked_fill(mask == 0, 0)  # left padding
     steps = 10
-
-    def reference(stop):
-        out = model.generate(
-            input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=steps, eos_token_id=stop, pad_token_id=0
-        )[:, ids.shape[1] :].tolist()
-        return [row[: next((i + 1 for i, t in enumerate(row) if t in stop), len(row))] for row in out]
-
-    free = reference([])
-    # stop at tokens that some rows reach late and others never: rows end at different steps
-    stop = sorted({free[0][steps // 2], free[2][2]})
-    expected = reference(stop)
+    free = _greedy_reference(model, ids, mask, steps, [])
+    # stop at tokens that some rows reach early and others late or never: rows end at different steps
+    stop = sorted({row[2] for row in free[:2]} | {free[0][steps // 2]})
+    expected = _greedy_reference(model, ids, mask, steps, stop)
     assert len({len(row) for row in expected}) > 1 and max(map(len, expected)) == steps
     assert greedy_tokens(model, ids, mask, max_new_tokens=steps, stop=stop) == expected
     assert greedy_tokens(model, ids, mask, max_new_tokens=steps, stop=[]) == free
-
+    if kind != "llama":
+        return
     # a generation config that changes the logits (a repetition penalty) is honoured, as generate does
     model.generation_config.repetition_penalty = 1.5
-    penalised = reference(stop)
+    penalised = _greedy_reference(model, ids, mask, steps, stop)
     assert penalised != expected  # the penalty changes this model's answers
     assert greedy_tokens(model, ids, mask, max_new_tokens=steps, stop=stop) == penalised
 

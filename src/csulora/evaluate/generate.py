@@ -171,7 +171,7 @@ def greedy_tokens(model, input_ids, attention_mask, *, max_new_tokens: int, stop
             break
         if not live.all():  # drop the rows that stopped, from the batch and from the cache
             keep = live.nonzero().squeeze(1)
-            cache.batch_select_indices(keep)
+            cache.reorder_cache(keep)  # every layer kind has it; recurrent layers lack batch_select_indices
             rows = [rows[i] for i in keep.tolist()]
             chosen, mask, positions = chosen[keep], mask[keep], positions[keep]
         step_input = chosen[:, None]
