@@ -175,6 +175,12 @@ def test_the_study_runs_end_to_end_and_a_rerun_reuses_every_stage(tmp_path):
     assert again["evaluations"] == again["evaluations"] | {"generated": 0, "reused": first}
     assert again["models"] == doc["models"] and again["runs"] == doc["runs"]
     assert "align-full" not in again["seconds"] and "attack" not in again["seconds"]
+    # the copy, run where it now lies (another machine), trains nothing and reuses every evaluation
+    # though its corrected adapters now name the aligned checkpoints at their new paths
+    there = run_study(base, splits, moved, config, quiet=True)
+    assert there["evaluations"] | {"reused": 0} == again["evaluations"] | {"reused": 0}
+    assert there["evaluations"]["generated"] == 0 and there["runs"] == doc["runs"]
+    assert "align-full" not in there["seconds"] and "attack" not in there["seconds"]
 
 
 def test_the_cli_refuses_an_unknown_stage(tmp_path, capsys):

@@ -243,6 +243,10 @@ def evaluate(model: Path, adapter: Path | None, sets: EvalSets, config: StudyCon
     return {"metrics": metrics, "responses": result["responses"], "task_responses": result["task_responses"]}
 
 
+# where the model lay when the adapter was written, not what it does: a moved study reuses its evaluations
+UNHASHED_ADAPTER_FIELDS = ("base_model_name_or_path", "revision")
+
+
 def _digest(path: Path | None) -> str:
     if path is None:
         return "none"
@@ -250,16 +254,25 @@ def _digest(path: Path | None) -> str:
     for f in sorted(p for p in Path(path).rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json")):
         if f.name == "csulora_report.json":
             continue  # holds timings; the weights and the adapter config decide the outputs
+        content = f.read_bytes()
+        if f.name == "adapter_config.json":
+            config = {k: v for k, v in json.loads(content).items() if k not in UNHASHED_ADAPTER_FIELDS}
+            content = json.dumps(config, sort_keys=True).encode()
         digest.update(f.name.encode())
-        digest.update(f.read_bytes())
+        digest.update(content)
     return digest.hexdigest()[:16]
 
 
 @dataclass
 class Evaluator:
-    """Evaluations cached under ``root`` by (model, adapter bytes, evaluation sets, generation lengths)."""
+    """Evaluations cached under ``root`` by (model, adapter bytes, evaluation sets, generation lengths).
+
+    A model is named by its path relative to ``home`` (the study's directory) where it lies under it,
+    so a study moved or copied to another machine finds its evaluations again.
+    """
 
     root: Path
+    home: Path
     sets: EvalSets
     config: StudyConfig
     device: object
@@ -271,7 +284,7 @@ class Evaluator:
     def __call__(self, name: str, model: Path, adapter: Path | None = None) -> dict:
         lengths = (self.config.harmful_tokens, self.config.task_tokens, self.config.general_tokens)
         key = hashlib.sha256(
-            f"{model.resolve()}|{_digest(model) if adapter is None else ''}|{_digest(adapter)}|"
+            f"{portable(model, self.home)}|{_digest(model) if adapter is None else ''}|{_digest(adapter)}|"
             f"{self.sets.key()}|{lengths}".encode()
         ).hexdigest()[:16]
         path = self.root / f"{key}.json"
@@ -344,7 +357,7 @@ def run_study(
     cache.mkdir(parents=True, exist_ok=True)
     progress = not quiet
     sets = eval_sets(splits, config)
-    evaluator = Evaluator(out / "cache" / "evals", sets, config, dev)
+    evaluator = Evaluator(out / "cache" / "evals", out, sets, config, dev)
     timings: dict[str, float] = {}
 
     @contextmanager
