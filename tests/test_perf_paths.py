@@ -45,8 +45,11 @@ def test_displacement_energy_matches_float64_sum(shape):
 def test_displacement_energy_falls_back_to_float64_beyond_float32_squares():
     huge = torch.full((600, 3), 3e19)  # finite, but its float32 squares overflow
     tiny = torch.full((600, 3), 1e-24)  # its float32 squares underflow to zero or denormals
-    for V in (huge, tiny):
+    lone = torch.zeros(600, 3)
+    lone[599, 0] = 1e-24  # one underflowing entry among zeros: not a zero displacement
+    for V in (huge, tiny, lone):
         assert displacement_energy(V) == pytest.approx(float(torch.sum(V.double() ** 2)), rel=1e-12)
+    assert displacement_energy(torch.zeros(600, 3)) == 0.0
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
