@@ -340,5 +340,9 @@ def test_only_commands_that_stream_checkpoints_map_large_allocations():
 
     assert streams("subspace", "--base", "b", "--aligned", "a", "--targets", "q_proj", "-o", "s.safetensors")
     assert streams("correct", "adapter", "--base", "b", "-o", "out")
+    assert streams("correct", "adapter", "--method", "safelora", "--subspace", "s", "--base", "b", "-o", "out")
+    assert streams("inspect", "adapter", "--base", "b")
+    assert streams("lab", "--out", "lab")
     assert not streams("correct", "adapter", "--subspace", "s.safetensors", "-o", "out")
     assert not streams("inspect", "adapter", "--subspace", "s.safetensors")
+    assert not streams("eval", "model", "--prompts", "p.jsonl")

@@ -42,6 +42,15 @@ def test_displacement_energy_matches_float64_sum(shape):
         assert displacement_energy(V) == pytest.approx(straightforward, rel=1e-14)
 
 
+def test_float32_difference_overflows_silently_as_torch_does(recwarn):
+    """bfloat16 reaches beyond float32's range in a difference: inf, left to _read_delta's check, no warning."""
+    a = torch.tensor([[3e38, float("inf"), 1.0]], dtype=torch.bfloat16)
+    b = torch.tensor([[-3e38, float("inf"), 1.0]], dtype=torch.bfloat16)
+    V = float32_difference(a, b)
+    assert V[0, 0] == float("inf") and V[0, 1].isnan() and V[0, 2] == 0
+    assert not recwarn.list
+
+
 def test_displacement_energy_falls_back_to_float64_beyond_float32_squares():
     huge = torch.full((600, 3), 3e19)  # finite, but its float32 squares overflow
     tiny = torch.full((600, 3), 1e-24)  # its float32 squares underflow to zero or denormals
@@ -49,6 +58,16 @@ def test_displacement_energy_falls_back_to_float64_beyond_float32_squares():
     lone[599, 0] = 1e-24  # one underflowing entry among zeros: not a zero displacement
     for V in (huge, tiny, lone):
         assert displacement_energy(V) == pytest.approx(float(torch.sum(V.double() ** 2)), rel=1e-12)
+
+
+
+def test_a_zero_displacement_needs_no_float64_pass(monkeypatch):
+    import csulora.subspace as subspace
+
+    def refuse(V):
+        raise AssertionError("float64 pass on a zero V")
+
+    monkeypatch.setattr(subspace, "_float64_energy", refuse)
     assert displacement_energy(torch.zeros(600, 3)) == 0.0
 
 
@@ -61,8 +80,11 @@ def test_displacement_energy_is_not_finite_when_V_is_not(bad):
     assert not math.isfinite(displacement_energy(V))
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (5, 3), (257, 4), (600, 9), (3, 2, 7)])
-@pytest.mark.parametrize("dtypes", [(torch.bfloat16,) * 2, (torch.float16,) * 2, (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("shape", [(), (1, 1), (5, 3), (257, 4), (600, 9), (3, 2, 7)])
+@pytest.mark.parametrize(
+    "dtypes",
+    [(torch.bfloat16,) * 2, (torch.float16,) * 2, (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)],
+)
 def test_float32_difference_is_torchs_float32_subtraction(shape, dtypes):
     g = torch.Generator().manual_seed(2)
     a, b = (torch.randn(shape, generator=g) * 10 ** (8 * torch.rand(shape, generator=g) - 4) for _ in range(2))
@@ -76,7 +98,7 @@ def test_float32_difference_is_torchs_float32_subtraction(shape, dtypes):
     for rows in (1, 2, 256):
         V = float32_difference(a, b, rows=rows)
         assert V.dtype == torch.float32 and V.shape == a.shape
-        assert torch.equal(V.view(torch.int32), expected.view(torch.int32))  # same bits, NaN included
+        assert torch.equal(V.view(torch.int32), expected.view(torch.int32))  # same bits, a lone NaN's included
     # non-contiguous weights (a transposed view from a pickled checkpoint) give the same numbers
     if a.dim() == 2:
         assert torch.equal(float32_difference(a.T, b.T).view(torch.int32), expected.T.contiguous().view(torch.int32))

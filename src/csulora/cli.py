@@ -267,14 +267,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _streams_checkpoints(args) -> bool:
-    """Whether the command reads checkpoints module by module (a subspace computed, or safelora's V)."""
-    return args.func is cmd_subspace or (args.func is cmd_correct and args.subspace is None)
+    """Whether the command may read checkpoints module by module: ``subspace``, the lab, and any command
+    given a base checkpoint (a subspace computed on the fly, or Safe LoRA's V even beside --subspace)."""
+    return args.func in (cmd_subspace, lab_cli.cmd_lab) or getattr(args, "base", None) is not None
 
 
 def _run(args) -> int:
     if _streams_checkpoints(args):  # big tensors freed module by module go straight back to the OS
-        # (not for `correct --subspace`: its few-MB factors are reused by malloc instead of being mapped
-        # and faulted in afresh, 0.9 s less system time at 7B shape)
+        # (not for `correct --subspace` alone: its few-MB factors are reused by malloc instead of being
+        # mapped and faulted in afresh, 0.9 s less system time at 7B shape)
         map_large_allocations()
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None

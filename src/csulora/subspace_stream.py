@@ -83,20 +83,24 @@ def float32_difference(minuend: torch.Tensor, subtrahend: torch.Tensor, rows: in
 
     bfloat16 weights (most released checkpoints) go through numpy a block of rows at a time: a
     bfloat16 is the top half of a float32, so a 16-bit shift casts it exactly, 4x faster than torch's
-    cast on CPU, and only a block of the subtrahend is ever float32. The same bits as torch's.
+    cast on CPU, and only a block of the subtrahend is ever float32. The same bits as torch's (where
+    both are NaN the payload may differ; a NaN in V is an error anyway). Overflow and NaN are left
+    to the caller's checks, silently, as torch leaves them.
     """
-    if not (minuend.dtype == subtrahend.dtype == torch.bfloat16) or minuend.device.type != "cpu":
+    bfloat16 = minuend.dtype == subtrahend.dtype == torch.bfloat16
+    if not bfloat16 or minuend.device.type != "cpu" or minuend.dim() == 0:
         V = minuend.to(torch.float32, copy=True)  # a float32 minuend must not be modified in place below
         V -= subtrahend  # type promotion reads it in its own dtype: no float32 copy of the subtrahend
         return V
     high, low = (W.contiguous().view(torch.int16).numpy().view(np.uint16) for W in (minuend, subtrahend))
     bits, block = np.empty(high.shape, np.uint32), np.empty((rows, *high.shape[1:]), np.uint32)
     V, low_block = bits.view(np.float32), block.view(np.float32)
-    for start in range(0, len(high), rows):
-        end = min(start + rows, len(high))
-        np.left_shift(high[start:end], 16, out=bits[start:end], dtype=np.uint32)
-        np.left_shift(low[start:end], 16, out=block[: end - start], dtype=np.uint32)
-        np.subtract(V[start:end], low_block[: end - start], out=V[start:end])
+    with np.errstate(over="ignore", invalid="ignore"):  # numpy would warn where torch is silent
+        for start in range(0, len(high), rows):
+            end = min(start + rows, len(high))
+            np.left_shift(high[start:end], 16, out=bits[start:end], dtype=np.uint32)
+            np.left_shift(low[start:end], 16, out=block[: end - start], dtype=np.uint32)
+            np.subtract(V[start:end], low_block[: end - start], out=V[start:end])
     return torch.from_numpy(V)
 
 
