@@ -60,7 +60,6 @@ def test_displacement_energy_falls_back_to_float64_beyond_float32_squares():
         assert displacement_energy(V) == pytest.approx(float(torch.sum(V.double() ** 2)), rel=1e-12)
 
 
-
 def test_a_zero_displacement_needs_no_float64_pass(monkeypatch):
     import csulora.subspace as subspace
 
