@@ -170,6 +170,7 @@ def test_the_study_runs_end_to_end_and_a_rerun_reuses_every_stage(tmp_path):
     assert all(not Path(p).is_absolute() and (moved / p).exists() for p in relative)
     assert judge_disagreement(saved, moved)["total"] == saved["judge_disagreement"]["total"] > 0
     first = doc["evaluations"]["generated"]
+    assert doc["evaluations"]["devices"] == ["cpu"]  # each record says where it was generated
 
     again = run_study(base, splits, tmp_path / "study", config, quiet=True)
     assert again["evaluations"] == again["evaluations"] | {"generated": 0, "reused": first}

@@ -256,8 +256,11 @@ def _digest(path: Path | None) -> str:
             continue  # holds timings; the weights and the adapter config decide the outputs
         content = f.read_bytes()
         if f.name == "adapter_config.json":
-            config = {k: v for k, v in json.loads(content).items() if k not in UNHASHED_ADAPTER_FIELDS}
-            content = json.dumps(config, sort_keys=True).encode()
+            try:
+                config = {k: v for k, v in json.loads(content).items() if k not in UNHASHED_ADAPTER_FIELDS}
+                content = json.dumps(config, sort_keys=True).encode()
+            except (ValueError, AttributeError):  # not a JSON object: its bytes, as for any other file
+                pass
         digest.update(f.name.encode())
         digest.update(content)
     return digest.hexdigest()[:16]
@@ -267,8 +270,10 @@ def _digest(path: Path | None) -> str:
 class Evaluator:
     """Evaluations cached under ``root`` by (model, adapter bytes, evaluation sets, generation lengths).
 
-    A model is named by its path relative to ``home`` (the study's directory) where it lies under it,
-    so a study moved or copied to another machine finds its evaluations again.
+    A model evaluated alone is named by its contents; one under an adapter by its path relative to
+    ``home`` (the study's directory) where it lies under it, so a study moved or copied to another
+    machine finds its evaluations again. Each record says which device generated it (``devices``
+    lists them all: greedy decoding on a GPU and on a CPU can differ in rare near-ties).
     """
 
     root: Path
@@ -280,26 +285,27 @@ class Evaluator:
     reused: int = 0
     seconds: float = 0.0
     records: dict = field(default_factory=dict)
+    devices: set = field(default_factory=set)
 
     def __call__(self, name: str, model: Path, adapter: Path | None = None) -> dict:
         lengths = (self.config.harmful_tokens, self.config.task_tokens, self.config.general_tokens)
-        key = hashlib.sha256(
-            f"{portable(model, self.home)}|{_digest(model) if adapter is None else ''}|{_digest(adapter)}|"
-            f"{self.sets.key()}|{lengths}".encode()
-        ).hexdigest()[:16]
+        which = _digest(model) if adapter is None else portable(model, self.home)
+        key = hashlib.sha256(f"{which}|{_digest(adapter)}|{self.sets.key()}|{lengths}".encode()).hexdigest()[:16]
         path = self.root / f"{key}.json"
         if path.is_file():
             self.reused += 1
             record = json.loads(path.read_text())
         else:
             start = time.perf_counter()
-            record = evaluate(model, adapter, self.sets, self.config, self.device) | {"name": name}
+            record = evaluate(model, adapter, self.sets, self.config, self.device)
+            record |= {"name": name, "device": str(self.device)}
             self.seconds += time.perf_counter() - start
             self.done += 1
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_file(path, force=True) as tmp:
                 tmp.write_text(json.dumps(record) + "\n")
         self.records[name] = path
+        self.devices.add(record.get("device", "unrecorded"))
         return record["metrics"]
 
 
@@ -448,6 +454,7 @@ def run_study(
         "evaluations": {
             "generated": evaluator.done,
             "reused": evaluator.reused,
+            "devices": sorted(evaluator.devices),
             "records": {k: portable(v, out) for k, v in evaluator.records.items()},
         },
         "sizes": {
