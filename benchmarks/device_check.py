@@ -203,16 +203,18 @@ def compare_subspaces(a_path: Path, b_path: Path) -> dict:
     from csulora.subspace import load_subspace
 
     a, b = load_subspace(a_path), load_subspace(b_path)
-    same_k, angles, ks = 0, [], []
+    same_k, identical, angles, ks = 0, 0, [], []
     for name in a.modules():
         x, y = a[name], b[name]
         ks.append(x.k)
         if x.k == y.k:
             same_k += 1
+            identical += all(torch.equal(p, q) for p, q in ((x.U, y.U), (x.R, y.R), (x.sigma, y.sigma)))
             angles += [largest_angle(x.U, y.U), largest_angle(x.R, y.R)]
     return {
         "modules": len(ks),
         "same_k": same_k,
+        "bit_identical": identical,  # an angle has a float32 floor of about 0.04 degrees; equality has none
         "k_min_median_max": [min(ks), sorted(ks)[len(ks) // 2], max(ks)] if ks else None,
         "largest_angle_deg": max(angles) if angles else None,
     }
