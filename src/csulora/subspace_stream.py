@@ -94,14 +94,14 @@ def float32_difference(minuend: torch.Tensor, subtrahend: torch.Tensor, rows: in
         return V
     high, low = (W.contiguous().view(torch.int16).numpy().view(np.uint16) for W in (minuend, subtrahend))
     bits, block = np.empty(high.shape, np.uint32), np.empty((rows, *high.shape[1:]), np.uint32)
-    V, low_block = bits.view(np.float32), block.view(np.float32)
+    difference, low_block = bits.view(np.float32), block.view(np.float32)
     with np.errstate(over="ignore", invalid="ignore"):  # numpy would warn where torch is silent
         for start in range(0, len(high), rows):
             end = min(start + rows, len(high))
             np.left_shift(high[start:end], 16, out=bits[start:end], dtype=np.uint32)
             np.left_shift(low[start:end], 16, out=block[: end - start], dtype=np.uint32)
-            np.subtract(V[start:end], low_block[: end - start], out=V[start:end])
-    return torch.from_numpy(V)
+            np.subtract(difference[start:end], low_block[: end - start], out=difference[start:end])
+    return torch.from_numpy(difference)
 
 
 def iter_deltas(base: Checkpoint, aligned: Checkpoint, modules: list[str]) -> Iterator[Delta]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from tqdm.auto import tqdm
@@ -171,7 +171,7 @@ def greedy_tokens(model, input_ids, attention_mask, *, max_new_tokens: int, stop
             break
         if not live.all():  # drop the rows that stopped, from the batch and from the cache
             keep = live.nonzero().squeeze(1)
-            cache.reorder_cache(keep)  # every layer kind has it; recurrent layers lack batch_select_indices
+            cache.reorder_cache(cast(torch.LongTensor, keep))  # recurrent layers lack batch_select_indices
             rows = [rows[i] for i in keep.tolist()]
             chosen, mask, positions = chosen[keep], mask[keep], positions[keep]
         step_input = chosen[:, None]
