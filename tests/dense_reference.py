@@ -63,3 +63,43 @@ def best_rank(M, r):
 def orthonormal(rows, cols, generator):
     Q, _ = torch.linalg.qr(torch.randn(rows, cols, generator=generator, dtype=torch.float64))
     return Q
+
+
+def signed_overlap_dense(dW, U, R, sigma):
+    """The cosine of dW with V_k = U diag(sigma) R^T, and e_F split by the sign of each direction's coordinate.
+
+    Each singular direction of V_k is the unit rank-one matrix u_i r_i^T; F's coordinate along it is
+    <dW, u_i r_i^T>_F. Returns (cosine, agreeing, opposing, cross) with the three shares of e_F.
+    """
+    V_k = U @ torch.diag(sigma) @ R.T
+    norms = torch.linalg.matrix_norm(dW) * torch.linalg.matrix_norm(V_k)
+    cosine = float(torch.sum(dW * V_k) / norms) if norms > 0 else 0.0
+    F, _, _ = parts(dW, U, R)
+    e_f = float(torch.sum(F**2))
+    agree = oppose = 0.0
+    for i in range(U.shape[1]):
+        c = float(torch.sum(dW * torch.outer(U[:, i], R[:, i])))
+        if c * float(sigma[i]) > 0:
+            agree += c * c
+        elif c * float(sigma[i]) < 0:
+            oppose += c * c
+    if e_f == 0:
+        return cosine, 0.0, 0.0, 0.0
+    return cosine, agree / e_f, oppose / e_f, (e_f - agree - oppose) / e_f
+
+
+def reversing_part_dense(dW, U, R, sigma):
+    """F_-: the sum over directions with <dW, u_i r_i^T> sigma_i < 0 of that coordinate times u_i r_i^T."""
+    out = torch.zeros_like(dW)
+    for i in range(U.shape[1]):
+        direction = torch.outer(U[:, i], R[:, i])
+        c = float(torch.sum(dW * direction))
+        if c * float(sigma[i]) < 0:
+            out += c * direction
+    return out
+
+
+def csulora_signed_dense(dW, U, R, sigma, lam, weight):
+    """csulora's result with F_- shrunk to F_- / (1 + lam weight)."""
+    shrink = 1 - 1 / (1 + lam * weight)
+    return csulora_dense(dW, U, R, lam) - shrink * reversing_part_dense(dW, U, R, sigma)

@@ -90,11 +90,16 @@ def test_subspace_correct_inspect_end_to_end(tmp_path, llama_pair, llama_adapter
     capsys.readouterr()
     plot = tmp_path / "plot.png"
     assert run("inspect", llama_adapter, "--subspace", sub, "--json", "--plot", plot, "-q") == 0
-    rows = json.loads(capsys.readouterr().out)
+    document = json.loads(capsys.readouterr().out)
+    rows = document["modules"]
     assert len(rows) == 14 and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for row in rows:
         assert row["rho_f"] + row["rho_h"] + row["rho_o"] == pytest.approx(1.0)
         assert row["rho_f"] == pytest.approx(report["modules"][row["module"]]["rho_f"])
+        assert row["signed_overlap"] == pytest.approx(report["modules"][row["module"]]["signed_overlap_before"])
+        assert row["opposing_share"] == pytest.approx(report["modules"][row["module"]]["opposing_share_before"])
+    assert document["adapter"]["signed_overlap"] == pytest.approx(report["signed_overlap_before"])
+    assert document["adapter"]["opposing_share"] == pytest.approx(report["opposing_share_before"])
     assert run("inspect", llama_adapter, "--subspace", sub, "-q") == 0
     table = capsys.readouterr().out
     assert "model.layers.1.mlp.down_proj" in table and "energy-weighted" in table

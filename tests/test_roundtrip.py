@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 from conftest import LLAMA_TARGETS, TINY_LLAMA_SHAPES, make_adapter, perturbed, save_model
-from dense_reference import csulora_dense, csulora_dir_dense, parts, safelora_dense
+from dense_reference import csulora_dense, csulora_dir_dense, csulora_signed_dense, parts, safelora_dense
 from safetensors.torch import load_file
 
 from csulora import MethodParams, compute_subspace, correct_adapter, load_subspace
@@ -72,6 +72,9 @@ def reference(method, deltas, sub, V, params, fan_in_fan_out, ckpt_name):
             out[module] = csulora_dense(dW, U, R, params.lam)
         elif method == "csulora-dir":
             out[module] = csulora_dir_dense(dW, U, params.lam)
+        elif method == "csulora-signed":
+            sigma = sub[name].sigma.double()
+            out[module] = csulora_signed_dense(dW, U, R, sigma, params.lam, params.opposing_weight)
         elif method == "project":
             out[module] = parts(dW, U, R)[0]
         elif method == "random":
@@ -135,6 +138,7 @@ def check_round_trip(
 LLAMA_METHODS = [
     ("csulora", MethodParams(lam=2.0)),
     ("csulora-dir", MethodParams(lam=2.0)),
+    ("csulora-signed", MethodParams(lam=2.0, opposing_weight=3.0)),
     ("project", MethodParams()),
     ("scale", MethodParams(match_lam=2.0)),
     ("random", MethodParams(lam=2.0, seed=3)),
@@ -167,6 +171,9 @@ def test_llama_every_method(tmp_path, llama_pair, llama_adapter, llama_subspace,
         assert row["kappa_h"] == pytest.approx(1 / (1 + 2.0 * row["rho_h"]))
         assert row["kappa_o"] == pytest.approx(1 / (1 + 2.0 * row["rho_o"]))
         assert row["rho_f"] + row["rho_h"] + row["rho_o"] == pytest.approx(1.0)
+    if method == "csulora-signed":
+        assert row["rank_out"] == 2 * row["rank_in"] + row["opposing_directions"]
+        assert row["kappa_opposing"] == pytest.approx(1 / (1 + 2.0 * 3.0))
     if method == "safelora":
         assert {"cosine", "projected"} <= set(row)
         assert row["projected"] == (row["cosine"] < 0.5)

@@ -7,11 +7,13 @@ from .checkpoint import Checkpoint  # noqa: E402
 from .correct import (  # noqa: E402
     LoraFactors,
     csulora_dir_update,
+    csulora_signed_update,
     csulora_update,
     decompose,
     project_update,
     safelora_candidate,
     scale_update,
+    signed_overlap,
     truncate_to_rank,
 )
 from .errors import CsuloraError  # noqa: E402
@@ -32,6 +34,7 @@ __all__ = [
     "compute_subspace",
     "correct_adapter",
     "csulora_dir_update",
+    "csulora_signed_update",
     "csulora_update",
     "decompose",
     "load_adapter",
@@ -40,6 +43,7 @@ __all__ = [
     "randomized_svd",
     "safelora_candidate",
     "scale_update",
+    "signed_overlap",
     "truncate_to_rank",
     "write_adapter",
 ]

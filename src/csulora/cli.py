@@ -156,7 +156,7 @@ def cmd_correct(args) -> int:
 
 def cmd_inspect(args) -> int:
     from .io_utils import reserve_output, strict_json
-    from .report import format_table, inspect_adapter, is_png, plot_decomposition
+    from .report import alignment_diagnostic, format_table, is_png, plot_decomposition
 
     if args.plot:
         from .extras import require_extra
@@ -169,7 +169,7 @@ def cmd_inspect(args) -> int:
         if args.plot
         else contextlib.nullcontext()
     ):
-        rows = inspect_adapter(
+        diagnostic = alignment_diagnostic(
             args.adapter,
             subspace=args.subspace,
             base=args.base,
@@ -179,6 +179,7 @@ def cmd_inspect(args) -> int:
             progress=not args.quiet,
             device=args.device,
         )
+        rows = diagnostic["modules"]
         if args.plot:
             pair = (
                 f"subspace {args.subspace}"
@@ -187,7 +188,7 @@ def cmd_inspect(args) -> int:
             )
             plot_decomposition(rows, args.plot, title=f"adapter {args.adapter}  |  {pair}", force=args.force)
     if args.json:
-        print(strict_json(rows))
+        print(strict_json(diagnostic))
     else:
         print(format_table(rows))
     if args.plot:
@@ -224,10 +225,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_method_options(p, _add_subspace_options(p))
     p.set_defaults(func=cmd_correct)
 
-    p = sub.add_parser("inspect", help="per-module decomposition of an adapter (writes nothing but --plot)")
+    p = sub.add_parser(
+        "inspect", help="per-module decomposition and signed overlap with V of an adapter (writes nothing but --plot)"
+    )
     p.add_argument("adapter", help="PEFT LoRA adapter directory (or Hub id)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--plot", type=Path, help="write a PNG heatmap of rho_f / rho_h / rho_o, layer x module type")
+    p.add_argument("--json", action="store_true", help='machine-readable output: {"modules": [...], "adapter": {...}}')
+    p.add_argument(
+        "--plot",
+        type=Path,
+        help="write a PNG heatmap of rho_f / rho_h / rho_o and the signed overlap with V, layer x module type",
+    )
     p.add_argument("--force", action="store_true", help="overwrite an existing --plot file")
     _add_source_options(p)
     _add_subspace_options(p)

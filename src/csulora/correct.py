@@ -48,6 +48,16 @@ def frobenius_sq(B: torch.Tensor, A: torch.Tensor) -> float:
     return float(torch.sum((B.T @ B) * (A @ A.T)))
 
 
+def frobenius_inner(x: LoraFactors, y: LoraFactors) -> float:
+    """``<s_x B_x A_x, s_y B_y A_y>_F = s_x s_y tr((B_x^T B_y)(A_y A_x^T))``: an r_x x r_y product, no m x n.
+
+    In float64 whatever the factors' dtype, so that ``<x, y>^2 = ||x||^2 ||y||^2`` can be told to 1e-12.
+    """
+    gram_b = x.B.double().T @ y.B.double()
+    gram_a = y.A.double() @ x.A.double().T
+    return x.scale * y.scale * float(torch.sum(gram_b * gram_a.T))
+
+
 @dataclass(frozen=True)
 class Decomposition:
     """``dW = F + H + O`` split in factored form, with the energy of each part.
@@ -277,3 +287,144 @@ def _decomposition_info(d: Decomposition) -> dict:
         "rho_h": d.rho_h,
         "rho_o": d.rho_o,
     }
+
+
+# -- the signed overlap with the alignment ----------------------------------------------------------
+@dataclass(frozen=True)
+class SignedOverlap:
+    """How an update lies along (+) or against (-) the alignment ``V_k = U diag(sigma) R^T`` (docs/method.md).
+
+    ``coordinates`` are ``c_i = u_i^T dW r_i``, the update's coordinate along each singular direction
+    ``u_i r_i^T`` of ``V_k`` (the diagonal of ``U^T dW R``); ``e_agree`` / ``e_oppose`` sum ``c_i^2``
+    over the directions where ``c_i sigma_i`` is positive / negative, and ``e_cross`` is the rest of
+    ``e_F`` (the off-diagonal coordinates, and directions with ``sigma_i = 0``), orthogonal to ``V_k``.
+    """
+
+    energy: float  # e = ||dW||_F^2
+    e_f: float  # ||F||_F^2 = e_agree + e_oppose + e_cross
+    e_agree: float
+    e_oppose: float
+    e_cross: float
+    signed_overlap: float  # <dW, V_k>_F / (||dW||_F ||V_k||_F), in [-1, 1]
+    coordinates: torch.Tensor | None = None  # c_i per direction (None for a sum over modules)
+    sigma: torch.Tensor | None = None
+
+    def _of_f(self, e: float) -> float:
+        total = self.e_agree + self.e_oppose + self.e_cross
+        return e / total if total > 0 else 0.0
+
+    @property
+    def opposing_share(self) -> float:
+        """The share of ``e_F`` along directions of V with the opposite sign: 1 for ``dW = -c V_k``."""
+        return self._of_f(self.e_oppose)
+
+    @property
+    def agreeing_share(self) -> float:
+        return self._of_f(self.e_agree)
+
+    @property
+    def cross_share(self) -> float:
+        return self._of_f(self.e_cross)
+
+    @property
+    def rho_opposing(self) -> float:
+        """``e_oppose / e``: the share of the whole update that reverses V (csulora keeps it whole)."""
+        return self.e_oppose / self.energy if self.energy > 0 else 0.0
+
+    def direction_shares(self) -> list[float]:
+        """Per direction of V, ``sign(c_i sigma_i) c_i^2 / e_F``: negative where it reverses V."""
+        if self.coordinates is None or self.sigma is None:
+            return []
+        c, total = self.coordinates, self.e_agree + self.e_oppose + self.e_cross
+        signed = torch.sign(c * self.sigma) * c * c / total if total > 0 else torch.zeros_like(c)
+        return [round(float(x), 6) for x in signed]
+
+    def scaled(self, factor_sq: float) -> SignedOverlap:
+        """The figures of the update times a factor ``c >= 0`` (``factor_sq = c^2``): only energies change."""
+        if factor_sq == 0:
+            return SignedOverlap(0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+        root = math.sqrt(factor_sq)
+        return SignedOverlap(
+            self.energy * factor_sq,
+            self.e_f * factor_sq,
+            self.e_agree * factor_sq,
+            self.e_oppose * factor_sq,
+            self.e_cross * factor_sq,
+            self.signed_overlap,
+            None if self.coordinates is None else self.coordinates * root,
+            self.sigma,
+        )
+
+
+def signed_overlap(
+    lora: LoraFactors, U: torch.Tensor, R: torch.Tensor, sigma: torch.Tensor, d: Decomposition | None = None
+) -> SignedOverlap:
+    """The update's signed overlap with ``V_k = U diag(sigma) R^T`` and the sign split of ``e_F``.
+
+    Factored: with ``C = U^T B`` (k x r) and ``D = A R`` (r x k), ``U^T dW R = s C D``, whose diagonal
+    ``c_i = s sum_j C_ij D_ji`` costs k r; ``<dW, V_k>_F = sum_i sigma_i c_i`` and ``||V_k||_F = ||sigma||``.
+    ``d``: the update's decomposition against the same ``U``, ``R`` when the caller has it.
+    """
+    if sigma.dim() != 1 or sigma.shape[0] != U.shape[1]:
+        raise CsuloraError(f"sigma of shape {tuple(sigma.shape)} does not fit a subspace of k = {U.shape[1]}")
+    if d is None:
+        if lora.B.dtype != U.dtype:  # e.g. a result stored in float32 against a float64 basis
+            lora = LoraFactors(lora.B.to(U.dtype), lora.A.to(U.dtype), lora.scale)
+        d = decompose(lora, U, R)
+    sigma = sigma.to(d.C.dtype)
+    c = lora.scale * torch.sum(d.C * d.D.T, dim=1)
+    along = c * sigma
+    e_agree = float(torch.sum(torch.where(along > 0, c * c, 0.0)))
+    e_oppose = float(torch.sum(torch.where(along < 0, c * c, 0.0)))
+    # e_F comes from Gram matrices, the diagonal from the coordinates: rounding may put the rest below 0
+    e_cross = max(d.e_f - e_agree - e_oppose, 0.0)
+    norm_v = float(torch.linalg.vector_norm(sigma))
+    denominator = math.sqrt(d.energy) * norm_v
+    cosine = float(torch.sum(along)) / denominator if denominator > 0 else 0.0
+    return SignedOverlap(d.energy, d.e_f, e_agree, e_oppose, e_cross, min(max(cosine, -1.0), 1.0), c, sigma)
+
+
+def combined_overlap(parts: list[SignedOverlap]) -> SignedOverlap:
+    """The figures of several modules together: energies add, the signed overlap is energy-weighted.
+
+    The shares of the sum are therefore e_F-weighted means of the modules' shares (docs/method.md).
+    """
+    energy = sum(p.energy for p in parts)
+    weighted = sum(p.energy * p.signed_overlap for p in parts) / energy if energy > 0 else 0.0
+    return SignedOverlap(
+        energy,
+        sum(p.e_f for p in parts),
+        sum(p.e_agree for p in parts),
+        sum(p.e_oppose for p in parts),
+        sum(p.e_cross for p in parts),
+        weighted,
+    )
+
+
+def csulora_signed_update(
+    lora: LoraFactors, U: torch.Tensor, R: torch.Tensor, sigma: torch.Tensor, lam: float, weight: float
+) -> Corrected:
+    """csulora, with the part of F that reverses V along its singular directions shrunk as well.
+
+    ``dW* = csulora(dW) - (1 - kappa_-) F_-`` with ``F_- = sum over i with c_i sigma_i < 0 of
+    c_i u_i r_i^T`` and ``kappa_- = 1 / (1 + lam weight)``: the closed-form minimiser of csulora's
+    objective plus ``lam weight ||F_-(X)||^2``, the rest of F held fixed (docs/method.md). Exactly a
+    LoRA of rank at most ``2r + |S_-|``: csulora's factors, then ``B_x = -(1 - kappa_-) / s U_S diag(c_S)``,
+    ``A_x = R_S^T`` (``S_-``: the reversing directions).
+    """
+    _check_lam(lam)
+    d = decompose(lora, U, R)
+    overlap = signed_overlap(lora, U, R, sigma, d)
+    base = csulora_update(lora, U, R, lam)
+    k_minus = attenuation(lam, weight)
+    assert overlap.coordinates is not None and overlap.sigma is not None
+    reversing = torch.nonzero(overlap.coordinates * overlap.sigma < 0).flatten()
+    info = base.info | {"kappa_opposing": k_minus, "opposing_directions": len(reversing)}
+    if k_minus == 1.0 or len(reversing) == 0:
+        return Corrected(base.lora, info)
+    c = overlap.coordinates[reversing]
+    B_x = U[:, reversing] * (-(1.0 - k_minus) / lora.scale * c).to(U.dtype)
+    A_x = R[:, reversing].T
+    B_new = torch.cat([base.lora.B, B_x.to(base.lora.B.dtype)], dim=1)
+    A_new = torch.cat([base.lora.A, A_x.to(base.lora.A.dtype)], dim=0)
+    return Corrected(LoraFactors(B_new, A_new, lora.scale), info)

@@ -16,7 +16,15 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .adapter import CONFIG_NAME, Adapter, load_adapter, write_adapter
-from .correct import Corrected, LoraFactors, frobenius_sq
+from .correct import (
+    Corrected,
+    LoraFactors,
+    SignedOverlap,
+    combined_overlap,
+    frobenius_inner,
+    frobenius_sq,
+    signed_overlap,
+)
 from .io_utils import atomic_dir, reserve_output, strict_json
 from .methods import DEFAULT_METHOD, Method, MethodParams, ModuleInputs, Needs, Settings, get_method
 from .sources import AdapterSubspace, Pair, adapter_deltas, open_pair
@@ -38,6 +46,9 @@ class ModuleResult:
     corrected: Corrected
     k: int | None = None  # the subspace rank it was corrected with (None: the method read no subspace)
     unchanged: bool = False  # aligned - base is zero here, so the update was kept as it was
+    # the signed overlap with V_k of the update before and after (None: not measured, see _overlap_after)
+    overlap_before: SignedOverlap | None = None
+    overlap_after: SignedOverlap | None = None
 
     def report(self) -> dict:
         info = self.corrected.info
@@ -51,7 +62,7 @@ class ModuleResult:
             "rank_in": self.rank_in,
             "rank_out": self.corrected.lora.rank,
             "truncation_error": info.get("truncation_error", 0.0),
-        }
+        } | _overlap_fields(self.overlap_before, self.overlap_after)
         extra = {key: value for key, value in info.items() if key not in row and key != "energy"}
         return row | {"energy": info.get("energy")} | extra
 
@@ -66,6 +77,8 @@ class Correction:
     subspace: dict | None  # where the subspace came from (None: the method read none)
 
     def report(self, adapter: Adapter) -> dict:
+        before = [result.overlap_before for result in self.modules]
+        after = [result.overlap_after for result in self.modules]
         return {
             "method": self.method,
             "params": self.settings.as_dict(),
@@ -74,6 +87,8 @@ class Correction:
             "subspace": self.subspace,
             "energy_before": sum(result.energy_in for result in self.modules),
             "energy_after": sum(_energy(result.corrected.lora) for result in self.modules),
+            # energy-weighted over all modules (docs/method.md); None where some module was not measured
+            **_overlap_fields(_combined(before), _combined(after)),
             "unchanged_modules": [result.name for result in self.modules if result.unchanged],
             "modules": {result.name: result.report() for result in self.modules},
         }
@@ -153,7 +168,7 @@ def _module_sources(
         assert source is not None
         for basis in source.bases():
             digests.append(basis.sha256)  # the basis itself is released once its module is done
-            inputs = ModuleInputs(basis.module, U=basis.U, R=basis.R)
+            inputs = ModuleInputs(basis.module, U=basis.U, R=basis.R, sigma=basis.sigma)
             yield _ModuleSource(basis.module, basis.name, inputs, basis.k, basis.k == 0)
     elif needs is Needs.DELTA:
         assert pair is not None
@@ -178,6 +193,7 @@ def run_correction(
 
     ``source`` gives the bases (for a method that needs them), ``pair`` the full ``V`` (for one that
     needs it). A module where aligned - base is zero keeps its update and is left out of ``finalize``.
+    Where a basis is read, each module's signed overlap with ``V_k`` is measured before and after.
     """
     needs = spec.needs_for(settings)
     digests: list[dict | None] = []
@@ -197,15 +213,62 @@ def run_correction(
                 corrected = spec.correct(lora, item.inputs, settings)
             # float32 is ample for storage (adapters are saved in fp32 or lower) and halves peak memory
             corrected = Corrected(_float32(corrected.lora), corrected.info)
+        before = after = None
+        if item.inputs.sigma is not None:  # the basis is in hand: measure the signed overlap on both sides
+            basis = (item.inputs.U, item.inputs.R, item.inputs.sigma)
+            before, after = signed_overlap(lora, *basis), signed_overlap(corrected.lora, *basis)
         results.append(
-            ModuleResult(item.module, item.name, lora.rank, _energy(lora), corrected, item.k, item.unaligned)
+            ModuleResult(
+                item.module, item.name, lora.rank, _energy(lora), corrected, item.k, item.unaligned, before, after
+            )
         )
     where = source.where if source is not None else str(pair.aligned.path if pair else adapter.path)
     warn_unaligned([r.name for r in results if r.unchanged], len(adapter.modules), where)
     if spec.finalize is not None:
         final = spec.finalize(adapter.factors, {r.module: r.corrected for r in results if not r.unchanged}, settings)
-        results = [r if r.unchanged else replace(r, corrected=final[r.module]) for r in results]
+        results = [
+            r
+            if r.unchanged
+            else replace(r, corrected=final[r.module], overlap_after=_overlap_after(r, final[r.module].lora))
+            for r in results
+        ]
     return Correction(spec.name, settings, results, source.metadata(digests) if source is not None else None)
+
+
+# 1 - cos below this: the finalized update is the per-module one times c >= 0, up to float32 storage
+SAME_DIRECTION_TOL = 1e-9
+
+
+def _overlap_after(result: ModuleResult, final: LoraFactors) -> SignedOverlap | None:
+    """The after-figures of a module ``finalize`` changed, without its basis (released by then).
+
+    Both figures depend on the update's direction only: when the final update is the per-module result
+    times some ``c >= 0`` (scale's common factor), they carry over; otherwise they are not known (None).
+    """
+    measured, mine = result.overlap_after, result.corrected.lora
+    if measured is None or final is mine:
+        return measured
+    e_mine, e_final = frobenius_inner(mine, mine), frobenius_inner(final, final)
+    if e_final == 0:
+        return measured.scaled(0.0)
+    if e_mine == 0:
+        return None
+    cosine = frobenius_inner(mine, final) / (e_mine * e_final) ** 0.5
+    return measured.scaled(e_final / e_mine) if cosine >= 1 - SAME_DIRECTION_TOL else None
+
+
+def _combined(parts: list[SignedOverlap | None]) -> SignedOverlap | None:
+    known = [part for part in parts if part is not None]
+    return combined_overlap(known) if known and len(known) == len(parts) else None
+
+
+def _overlap_fields(before: SignedOverlap | None, after: SignedOverlap | None) -> dict:
+    return {
+        "signed_overlap_before": None if before is None else before.signed_overlap,
+        "signed_overlap_after": None if after is None else after.signed_overlap,
+        "opposing_share_before": None if before is None else before.opposing_share,
+        "opposing_share_after": None if after is None else after.opposing_share,
+    }
 
 
 def _energy(lora: LoraFactors) -> float:

@@ -57,13 +57,17 @@ def subspace_file_name(subspace: Subspace) -> str:
 
 @dataclass(frozen=True)
 class ModuleBasisFor:
-    """One adapter module's basis in the update's orientation (float64): ``U: m x k``, ``R: n x k``."""
+    """One adapter module's basis in the update's orientation (float64): ``U: m x k``, ``R: n x k``.
+
+    ``sigma``: V's top-k singular values (``V_k = U diag(sigma) R^T``; the same in either orientation).
+    """
 
     module: str  # the adapter's name
     name: str  # the subspace's (checkpoint's) name
     U: torch.Tensor
     R: torch.Tensor
     sha256: dict | None  # the digests of the weights it was computed from, when known
+    sigma: torch.Tensor
 
     @property
     def k(self) -> int:
@@ -136,7 +140,9 @@ class AdapterSubspace:
     def _oriented(self, module: str, name: str, basis: ModuleBasis, where: str) -> ModuleBasisFor:
         U, R = (basis.R, basis.U) if self.adapter.fan_in_fan_out else (basis.U, basis.R)
         self.adapter.check_fits(module, (U.shape[0], R.shape[0]), f"the subspace {where} is for")
-        return ModuleBasisFor(module, name, U.to(torch.float64), R.to(torch.float64), basis.sha256)
+        return ModuleBasisFor(
+            module, name, U.to(torch.float64), R.to(torch.float64), basis.sha256, basis.sigma.to(torch.float64)
+        )
 
 
 @dataclass(frozen=True)

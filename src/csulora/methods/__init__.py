@@ -13,7 +13,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from ..errors import CsuloraError
-from . import csulora, csulora_dir, project, random_subspace, safelora, scale
+from . import csulora, csulora_dir, csulora_signed, project, random_subspace, safelora, scale
 from .base import (
     DEFAULT_LAM,
     Method,
@@ -169,6 +169,7 @@ def lab_sweep(grids: Mapping[str, Sequence[float]], seed: int) -> list[tuple[str
 _BUILT_IN = (
     csulora.method,
     csulora_dir.method,
+    csulora_signed.method,
     safelora.method,
     project.method,
     scale.method,

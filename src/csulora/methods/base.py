@@ -32,18 +32,29 @@ class Needs(Enum):
 
 @dataclass(frozen=True)
 class ModuleInputs:
-    """What a method may use for one module. ``U``/``R`` and ``V`` are in the update's orientation."""
+    """What a method may use for one module. ``U``/``R`` and ``V`` are in the update's orientation.
+
+    ``sigma``: the singular values that go with ``U``, ``R`` (``V_k = U diag(sigma) R^T``).
+    """
 
     name: str
     U: torch.Tensor | None = None
     R: torch.Tensor | None = None
     V: torch.Tensor | None = None
+    sigma: torch.Tensor | None = None
 
     @property
     def basis(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.U is None or self.R is None:
             raise CsuloraError(f"module {self.name}: this method needs the subspace basis, which was not given")
         return self.U, self.R
+
+    @property
+    def spectrum(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``U``, ``R`` and ``sigma``, for a method that reads V's singular values too."""
+        if self.sigma is None:
+            raise CsuloraError(f"module {self.name}: this method needs the subspace's singular values, not given")
+        return (*self.basis, self.sigma)
 
     @property
     def delta(self) -> torch.Tensor:
@@ -214,7 +225,8 @@ class Method:
     summary: str = ""
     # Needs, or a function of the settings (e.g. a fixed scale factor needs no subspace)
     needs: Needs | Callable[[Any], Needs] = Needs.BASIS
-    # (original factors by module, per-module results, settings) -> final results, for decisions across modules
+    # (original factors by module, per-module results, settings) -> final results, for decisions across modules;
+    # the report's after-figures of the signed overlap survive it only where it scales an update by c >= 0
     finalize: Finalize | None = None
     sweep: Sweep = field(default_factory=Sweep)
     # in the lab's verdict: "subject" (the method the question is about), "control", or "method"
