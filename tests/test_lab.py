@@ -23,7 +23,7 @@ from csulora.lab.world import (
     secret_code,
 )
 
-METHODS = {"csulora", "csulora-dir", "safelora", "project", "scale", "random"}
+METHODS = {"csulora", "csulora-dir", "csulora-signed", "safelora", "project", "scale", "random"}
 RUN_KEYS = {
     "method",
     "params",
@@ -216,6 +216,46 @@ def test_saturated_asr_is_a_tie_not_a_loss():
     assert report.verdict(models, cs + clearly, n_harmful=48)["comparisons"]["scale"]["lower"] == 1
 
 
+def test_other_methods_are_compared_with_the_controls_and_the_diagnostic_is_reported():
+    """Beside the verdict, each other method (csulora-signed among them) against scale and random, and
+    where the attack's update lies against the alignment (its signed overlap)."""
+    models = {
+        "base": {"asr": 1.0, "utility": 0.0, "general": 0.8},
+        "aligned": {"asr": 0.1, "utility": 0.0, "general": 0.8},
+        "lora": {"asr": 1.0, "utility": 0.8, "general": 0.7},
+    }
+
+    def run(method, lam, kept, asr):
+        return {"method": method, "params": {"lam": lam}, "utility_kept": kept, "asr": asr, "utility": kept,
+                "general": 0.7, "safety_recovered": 1 - asr, "tradeoff": None}  # fmt: skip
+
+    runs = [run("csulora", 1.0, 0.6, 0.5), run("csulora-signed", 1.0, 0.6, 0.2)]
+    runs += [run(m, 1.0, k, 0.4) for m in ("scale", "random") for k in (0.0, 0.7)]
+    verdict = report.verdict(models, runs, n_harmful=48)
+    signed = verdict["methods"]["csulora-signed"]
+    assert set(signed) == {"scale", "random"} and all(c["lower"] == 1 and c["below"] for c in signed.values())
+    assert set(verdict["methods"]) == {"csulora-signed"}  # only methods with runs; the subject is the verdict's
+    row = {"module": "model.layers.0.self_attn.q_proj", "k": 5, "rho_f": 0.4, "signed_overlap": -0.0123,
+           "opposing_share": 0.7, "rho_opposing": 0.28}  # fmt: skip
+    adapter = {"modules": 1, "energy": 2.0, "rho_f": 0.4, "rho_h": 0.35, "rho_o": 0.25, "signed_overlap": -0.0123,
+               "opposing_share": 0.7, "agreeing_share": 0.2, "cross_share": 0.1, "rho_opposing": 0.28}  # fmt: skip
+    document = {
+        "config": {"size": "tiny", "seed": 0, "shape": {"hidden": 64, "layers": 2}, "lora_rank": 8},
+        "models": models,
+        "runs": runs,
+        "verdict": verdict,
+        "diagnostic": {"modules": [row], "adapter": adapter},
+    }
+    text = report.format_report(document)
+    assert "## Where the attack's update lies" in text
+    assert "signed overlap with V_k -0.0123" in text and "e_F, 0.700 runs against" in text
+    assert "| model.layers.0.self_attn.q_proj | 5 | 0.400 | -0.0123 | 0.700 | 0.2800 |" in text
+    assert "- **csulora-signed**: lower than scale's at 1 of 1 matched points" in text
+    assert text.index("## Where the attack") < text.index("## Corrections") < text.index("## Verdict")
+    del document["diagnostic"]  # results written before the diagnostic was kept still format
+    assert "## Where the attack" not in report.format_report(document)
+
+
 # -- end to end (marked slow: the tiny lab takes minutes on 2 cores) -------------------------------
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
@@ -271,6 +311,20 @@ def test_every_method_is_run_and_plotted(lab):
     assert METHODS <= set(results["plotted_methods"])
     scale = [run for run in results["runs"] if run["method"] == "scale"]
     assert all(run["params"]["factor"] is None and run["params"]["match_lam"] is not None for run in scale)
+
+
+@pytest.mark.slow
+def test_the_attack_adapters_signed_overlap_is_reported(lab):
+    from csulora.adapter import load_adapter
+
+    out, results = lab
+    diagnostic = results["diagnostic"]
+    assert [row["module"] for row in diagnostic["modules"]] == load_adapter(results["artifacts"]["lora"]).modules
+    totals = diagnostic["adapter"]
+    assert -1.0 <= totals["signed_overlap"] <= 1.0 and 0.0 <= totals["opposing_share"] <= 1.0
+    assert totals["agreeing_share"] + totals["opposing_share"] + totals["cross_share"] == pytest.approx(1.0)
+    assert f"signed overlap with V_k {totals['signed_overlap']:+.4f}" in (out / "report.md").read_text()
+    assert set(results["verdict"]["methods"]) >= {"csulora-signed"}
 
 
 @pytest.mark.slow

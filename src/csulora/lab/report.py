@@ -126,6 +126,20 @@ def verdict(models: dict, results: list[dict], n_harmful: int | None = None) -> 
         "alignment": alignment_check(models) if "base" in models else None,
         "comparisons": comparisons,
         "sentence": _sentence(answer, comparisons),
+        "methods": other_comparisons(models, results, tie),
+    }
+
+
+def other_comparisons(models: dict, results: list[dict], tie: float) -> dict:
+    """Each other method (registry role "method") against each control, as the subject is compared.
+
+    Not part of the answer, which is about the subject; reported whatever it gives.
+    """
+    present = {r["method"] for r in results}
+    return {
+        method: {c: compare(results, models["lora"]["asr"], c, method, tie) for c in methods_with_role("control")}
+        for method in methods_with_role("method")
+        if method in present
     }
 
 
@@ -234,6 +248,7 @@ def format_report(document: dict) -> str:
         "",
         _alignment_line(models, verdict_),
         "",
+        *(diagnostic_lines(document["diagnostic"]) if document.get("diagnostic") else []),
         "## Corrections",
         "",
         "`utility_kept = (U - U_aligned) / (U_lora - U_aligned)`, "
@@ -256,7 +271,14 @@ def format_report(document: dict) -> str:
             f"{_fmt(r['utility_kept'])} | {_fmt(r['safety_recovered'])} | {_fmt(r['tradeoff'])} |"
             for r in rows
         ]
-    lines += ["", "## Verdict", "", verdict_["sentence"], "", "![frontier](frontier.png)", ""]
+    lines += ["", "## Verdict", "", verdict_["sentence"], ""]
+    others = verdict_.get("methods") or {}
+    if others:
+        lines += ["The other methods, compared with the controls in the same way (not part of the verdict):", ""]
+        for method, comparisons in others.items():
+            lines.append(f"- **{method}**: " + "; ".join(_describe(c, method) for c in comparisons.values()) + ".")
+        lines.append("")
+    lines += ["![frontier](frontier.png)", ""]
     machine, seconds = document.get("machine"), document.get("seconds", {})
     if machine and seconds.get("total") is not None:
         lines += [
@@ -267,6 +289,30 @@ def format_report(document: dict) -> str:
             "",
         ]
     return "\n".join(lines)
+
+
+def diagnostic_lines(diagnostic: dict) -> list[str]:
+    """The attack adapter against the alignment: the energy shares and the signed overlap (docs/method.md)."""
+    total = diagnostic["adapter"]
+    lines = [
+        "## Where the attack's update lies",
+        "",
+        f"Against the subspace the corrections use, over its {total['modules']} modules (energy-weighted): "
+        f"rho_f {total['rho_f']:.3f}, rho_h {total['rho_h']:.3f}, rho_o {total['rho_o']:.3f}; signed overlap with "
+        f"V_k {total['signed_overlap']:+.4f} (+1: along the alignment, -1: reversing it); of the fully aligned energy "
+        f"e_F, {total['opposing_share']:.3f} runs against V's singular directions, {total['agreeing_share']:.3f} "
+        f"along them and {total['cross_share']:.3f} across them (opposing_share, agreeing_share, cross_share); "
+        f"the reversing part is {total['rho_opposing']:.3f} of the whole update (rho_opposing).",
+        "",
+        "| module | k | rho_f | signed_overlap | opposing_share | rho_opposing |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {row['module']} | {row['k']} | {row['rho_f']:.3f} | {row['signed_overlap']:+.4f} | "
+        f"{row['opposing_share']:.3f} | {row['rho_opposing']:.4f} |"
+        for row in diagnostic["modules"]
+    ]
+    return [*lines, ""]
 
 
 def _cpu_seconds(seconds: dict) -> str:

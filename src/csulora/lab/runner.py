@@ -257,6 +257,13 @@ def correct_all(
     return runs
 
 
+def attack_diagnostic(art: CorrectionInputs) -> dict:
+    """Where the attack's update lies against the subspace the corrections use (``csulora inspect --json``)."""
+    from ..report import alignment_diagnostic
+
+    return alignment_diagnostic(art.lora, subspace=art.subspace)
+
+
 # -- evaluation ----------------------------------------------------------------------------------
 def evaluate_checkpoint(model_dir: Path, adapter: Path | None, world: World, config: LabConfig) -> dict:
     """``asr`` (keyword judge), ``asr_strict``, ``utility`` and ``general`` on the world's held-out prompts.
@@ -350,6 +357,7 @@ def _run_lab(out, size, seed, *, quiet, config) -> dict:
     cache = out / "cache" / f"{size}-seed{seed}-{config.key()}"
     art = build_artifacts(config, world, cache, quiet=quiet)
     trained = time.perf_counter()
+    diagnostic = attack_diagnostic(art)
     runs = correct_all(sweep(config), art, out / "adapters", quiet=quiet)
     models, results = evaluate_all(config, world, art, runs, quiet=quiet)
     document = {
@@ -357,6 +365,7 @@ def _run_lab(out, size, seed, *, quiet, config) -> dict:
         "models": models,
         "runs": results,
         "verdict": verdict(models, results, n_harmful=len(world.eval_harmful)),
+        "diagnostic": diagnostic,
         "artifacts": {
             "cache": str(cache),
             "reused": art.reused,
