@@ -229,6 +229,17 @@ def test_what_agrees_with_v_is_kept_and_what_reverses_it_shrinks(problem, lam):
     assert after.signed_overlap >= before.signed_overlap - 1e-9 or before.energy == 0
 
 
+@settings(max_examples=30, deadline=None)
+@given(problems(), st.sampled_from([1.0, 10.0, 1e6]))
+def test_csulora_moves_the_overlap_away_from_zero(problem, lam):
+    """csulora keeps <dW, V_k> (it lives in F) and shrinks ||dW||: a negative overlap gets more negative."""
+    lora, U, R, sigma = problem
+    before = signed_overlap(lora, U, R, sigma)
+    after = signed_overlap(csulora_update(lora, U, R, lam).lora, U, R, sigma)
+    assert abs(after.signed_overlap) >= abs(before.signed_overlap) - 1e-9
+    assert after.signed_overlap * before.signed_overlap >= -1e-12
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     problems(zero_sigma=False),
