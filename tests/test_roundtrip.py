@@ -293,7 +293,7 @@ def gpt2_pair(tmp_path_factory):
     return root / "base", root / "aligned"
 
 
-@pytest.mark.parametrize("method", ["csulora", "safelora", "csulora-dir"])
+@pytest.mark.parametrize("method", ["csulora", "safelora", "csulora-dir", "csulora-signed"])
 def test_gpt2_conv1d_fan_in_fan_out(tmp_path, gpt2_pair, method):
     from transformers import GPT2LMHeadModel
 
