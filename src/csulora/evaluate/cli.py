@@ -65,7 +65,9 @@ def _run_eval(args, prompts: list[str], extra: list[str]) -> int:
         harmful=prompts,
         judges=judges,
         tasks=tasks,
-        generation=Generation(args.max_new_tokens, args.batch_size, chat_template=not args.no_chat_template),
+        generation=Generation(
+            args.max_new_tokens, args.batch_size, chat_template=not args.no_chat_template, precision=args.dtype
+        ),
         device=args.device,
         progress=not args.quiet,
     )
@@ -76,7 +78,7 @@ def _run_eval(args, prompts: list[str], extra: list[str]) -> int:
         with atomic_file(args.out, force=args.force, owned=is_eval_result) as tmp:
             tmp.write_text(json.dumps(result, indent=2) + "\n")
     others = ", ".join(f"{n} {result[f'asr_{n}']:.3f}" for n in names[1:])
-    print(f"ASR {result['asr']:.3f} on {result['n']} prompts ({headline} judge; {others})")
+    print(f"ASR {result['asr']:.3f} on {result['n']} prompts ({headline} judge; {others}; {result['precision']})")
     if tasks:
         print(f"utility {result['utility']:.3f} on {len(tasks[0].items)} tasks ({args.scoring})")
     if args.out is not None:
@@ -113,5 +115,12 @@ def register(sub) -> None:
     p.add_argument("--refusal-keywords", type=Path, help="extra refusal keywords for both keyword judges, one a line")
     p.add_argument("--no-chat-template", action="store_true", help="feed prompts raw even if a template exists")
     p.add_argument("--device", default="auto", help="where the models run: auto (CUDA if present), cpu, cuda:N")
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16"),  # device.PRECISIONS, without importing torch here
+        default="auto",
+        help="generation precision: auto (default: bfloat16 autocast where the CPU or GPU computes it natively, "
+        "float32 elsewhere), float32, or bfloat16; the result records which ran",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
