@@ -105,6 +105,29 @@ def test_edited_subspace_metadata_is_one_line(tmp_path, llama_adapter, subspace_
     nothing_written(tmp_path, "out")
 
 
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda m: m.__setitem__("aligned", "x"),
+        lambda m: m["aligned"].__setitem__("sha256", 5),
+        lambda m: m["base"].pop("source"),
+        lambda m: m["modules"][Q_PROJ].__setitem__("sha256", 5),
+        lambda m: m["modules"][Q_PROJ]["sha256"].__setitem__("aligned", None),
+        lambda m: m["modules"][Q_PROJ].__setitem__("sample_sha256", "x"),
+    ],
+    ids=["aligned_text", "aligned_sha_int", "no_source", "module_sha_int", "module_sha_none", "sample_text"],
+)
+def test_edited_subspace_sources_are_one_line_in_correct_and_inspect(
+    tmp_path, llama_adapter, subspace_file, capsys, edit
+):
+    bad = edited_subspace(subspace_file, tmp_path / "bad.safetensors", document=edit)
+    assert run("correct", llama_adapter, "-o", tmp_path / "out", "--subspace", bad, "-q") == 2
+    assert str(bad) in one_error_line(capsys)
+    assert run("inspect", llama_adapter, "--subspace", bad, "-q") == 2
+    assert "corrupt" in one_error_line(capsys)
+    nothing_written(tmp_path, "out")
+
+
 def test_subspace_metadata_that_is_not_an_object(tmp_path, llama_adapter, subspace_file, capsys):
     state = load_file(subspace_file)
     for text in ("[1, 2]", "nul", '"x"'):
@@ -332,6 +355,79 @@ def test_index_names_the_shard_a_stray_duplicate_is_ignored(tmp_path, llama_pair
     assert run("correct", llama_adapter, "-o", reference, "--base", base, "--aligned", aligned, "-q") == 0
     fixed, expected = load_file(out / "adapter_model.safetensors"), load_file(reference / "adapter_model.safetensors")
     assert all(torch.equal(fixed[k], expected[k]) for k in expected)
+
+
+def _trained_on_a_variant(tmp_path, aligned, llama_adapter, edit):
+    """A copy of ``aligned`` changed by ``edit(name, tensor)``, and the adapter re-pointed at it."""
+    variant = copy(aligned, tmp_path / "variant")
+
+    def each(state):
+        for name, tensor in state.items():
+            edit(name, tensor)
+
+    rewrite(variant, each)
+    adapter = copy(llama_adapter, tmp_path / "adapter")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": str(variant)}))
+    return variant, adapter
+
+
+def _layer_1_mlp_noise(name, tensor):
+    if name.startswith("model.layers.1.mlp.") and tensor.dim() == 2:
+        tensor += 1e-3 * torch.randn(tensor.shape, generator=torch.Generator().manual_seed(len(name)))
+
+
+def test_a_model_that_differs_in_one_layer_is_flagged_and_verify_refuses_it(
+    tmp_path, llama_pair, llama_adapter, subspace_file, capsys
+):
+    """The issue's case: the adapter's model differs from the subspace's only in layer 1's MLP."""
+    base, aligned = llama_pair
+    variant, adapter = _trained_on_a_variant(tmp_path, aligned, llama_adapter, _layer_1_mlp_noise)
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    for sources in (["--subspace", subspace_file], ["--base", base, "--aligned", aligned]):
+        capsys.readouterr()
+        assert run("correct", adapter, "-o", outputs / "a", *sources, "-q", "--force") == 0
+        err = capsys.readouterr().err
+        assert "csulora: warning:" in err and "model.layers.1.mlp." in err and "differ" in err, err
+        assert run("inspect", adapter, *sources, "-q") == 0
+        assert "model.layers.1.mlp." in capsys.readouterr().err
+        assert run("correct", adapter, "-o", outputs / "b", *sources, "-q", "--verify") == 2
+        err = one_error_line(capsys)
+        assert "--verify" in err and "model.layers.1.mlp." in err
+        assert not (outputs / "b").exists()
+
+
+def test_verify_compares_whole_weights(tmp_path, llama_pair, llama_adapter, subspace_file, capsys):
+    """A row no check samples: unseen by default, found by --verify; the same weights pass --verify."""
+    from csulora.checkpoint import sample_rows
+
+    base, aligned = llama_pair
+    row = next(i for i in range(32) if i not in sample_rows(32))
+
+    def one_row(name, tensor):
+        if name == "model.layers.1.self_attn.q_proj.weight":
+            tensor[row] += 0.5
+
+    variant, adapter = _trained_on_a_variant(tmp_path, aligned, llama_adapter, one_row)
+    out = tmp_path / "out"
+    assert run("correct", adapter, "-o", out, "--subspace", subspace_file, "-q") == 0
+    assert "warning" not in capsys.readouterr().err
+    assert run("correct", adapter, "-o", tmp_path / "v", "--subspace", subspace_file, "-q", "--verify") == 2
+    assert "model.layers.1.self_attn.q_proj differs" in one_error_line(capsys)
+    assert run("inspect", adapter, "--base", base, "--aligned", aligned, "-q", "--verify") == 2
+    assert "their weights differ (module model.layers.1.self_attn.q_proj)" in one_error_line(capsys)
+    # the adapter's own model, or the same weights elsewhere: verified
+    assert run("correct", llama_adapter, "-o", tmp_path / "ok", "--subspace", subspace_file, "-q", "--verify") == 0
+    same = copy(aligned, tmp_path / "same")
+    assert run("inspect", llama_adapter, "--base", base, "--aligned", same, "-q", "--verify") == 0
+    assert "warning" not in capsys.readouterr().err
+    # a model that is not here cannot be verified
+    hub = copy(llama_adapter, tmp_path / "hub-adapter")
+    config = json.loads((hub / "adapter_config.json").read_text())
+    (hub / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": "org/model"}))
+    assert run("inspect", hub, "--subspace", subspace_file, "-q", "--verify") == 2
+    assert "not a local checkpoint" in one_error_line(capsys)
 
 
 # -- adapters ------------------------------------------------------------------------------------

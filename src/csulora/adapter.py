@@ -6,10 +6,12 @@ Module names are those PEFT uses for ``rank_pattern`` (the module's path in the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,13 +21,31 @@ from safetensors.torch import load_file, save_file
 
 from .checkpoint import first_line, floating, natural_key, read_failure, resolve_local
 from .correct import LoraFactors, all_finite
-from .errors import CsuloraError
+from .errors import CsuloraError, CsuloraWarning
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<side>A|B)(?:\.(?P<adapter>[^.]+))?\.weight$")
+
+
+# Modules that transformers builds as ``Conv1D`` (weight stored in x out), by model_type; PEFT treats
+# every other target as ``torch.nn.Linear`` (out x in), whatever the adapter's fan_in_fan_out says.
+_GPT2_CONV1D = frozenset({"c_attn", "q_attn", "c_proj", "c_fc"})
+CONV1D_MODULES = {
+    "gpt2": _GPT2_CONV1D,
+    "imagegpt": _GPT2_CONV1D,
+    "decision_transformer": _GPT2_CONV1D,
+    "openai-gpt": frozenset({"c_attn", "c_proj", "c_fc"}),
+}
+
+
+def is_conv1d(model_type: str | None, module: str) -> bool | None:
+    """Whether ``module`` of a ``model_type`` model is a ``Conv1D``; None when the model type is unknown."""
+    if model_type is None:
+        return None
+    return module.rsplit(".", 1)[-1] in CONV1D_MODULES.get(model_type, frozenset())
 
 
 def _pattern_value(pattern: dict, module: str, default):
@@ -42,6 +62,7 @@ class Adapter:
     config: dict
     state: dict[str, torch.Tensor]
     modules: list[str]
+    _layouts_warned: set = dataclasses.field(default_factory=set, repr=False, compare=False)
 
     @property
     def fan_in_fan_out(self) -> bool:
@@ -77,6 +98,31 @@ class Adapter:
                 f"{self.path}: module {module} updates a {m} x {n} weight but {what} is {' x '.join(map(str, shape))}; "
                 "was the adapter trained on a different model?"
             )
+
+    def stored_transposed(self, module: str, stored: tuple[int, ...], model_type: str | None, what: str) -> bool:
+        """Whether ``what`` (a weight, ``V`` or a basis) of ``stored`` shape is ``in x out``, by PEFT's rule.
+
+        PEFT goes by the module's class: a ``Conv1D`` is transposed and anything else is an
+        ``nn.Linear``, whatever ``fan_in_fan_out`` says (it warns and overrides the flag). The class
+        comes from the model type; without one, a weight that fits only one way says it, and only a
+        square weight of an unknown model is taken as the flag says. Checks the fit.
+        """
+        m, n = self.update_shape(module)
+        conv1d = is_conv1d(model_type, module)
+        if conv1d is None:
+            fits = [flip for flip in (False, True) if tuple(stored[::-1] if flip else stored) == (m, n)]
+            conv1d = fits[0] if len(fits) == 1 else self.fan_in_fan_out
+        self.check_fits(module, tuple(stored[::-1] if conv1d else stored), what)
+        if conv1d != self.fan_in_fan_out and conv1d not in self._layouts_warned:
+            self._layouts_warned.add(conv1d)  # once per adapter, as PEFT warns once per module class
+            kind, flag = ("a Conv1D", "true") if conv1d else ("a torch.nn.Linear", "false")
+            warnings.warn(
+                f"{self.path}: fan_in_fan_out is {str(self.fan_in_fan_out).lower()} but module {module} is {kind}; "
+                f"taken with fan_in_fan_out {flag}, as PEFT does",
+                CsuloraWarning,
+                stacklevel=2,
+            )
+        return conv1d
 
     def factors(self, module: str, dtype: torch.dtype = torch.float64) -> LoraFactors:
         """``dW = s B A`` with ``B: out x r``, ``A: r x in`` (PEFT keeps this order for Conv1D too)."""

@@ -191,6 +191,51 @@ class Checkpoint:
                 raise CsuloraError(f"{file}: {key} is {tensor.dtype} with scales {scales[0]}: dequantize it first")
         return floating(tensor, f"{file}: {key}")
 
+    def read_rows(self, key: str, rows: list[int]) -> torch.Tensor:
+        """Rows ``rows`` of a tensor (as ``read(key)[rows]``, the same dtype), without reading the rest."""
+        if key not in self.weight_map:
+            raise CsuloraError(f"{self.path}: no tensor {key}")
+        shard = self.weight_map[key]
+        file = self.path / shard
+        if not shard.endswith(".safetensors"):
+            tensor = self._pickle_state(shard)[key][rows].clone()
+        else:
+            try:
+                with safe_open(str(file), framework="pt") as f:
+                    part = f.get_slice(key)
+                    tensor = torch.cat([part[row : row + 1] for row in rows]) if rows else part[0:0]
+            except (SafetensorError, OSError) as exc:
+                raise read_failure(file, exc, f"cannot read {key}") from None
+        return floating(tensor, f"{file}: {key}")
+
+    def sample_digest(self, key: str) -> bytes:
+        """``sample_digest(self.read(key))``, reading only the sampled rows."""
+        shape = self.shape(key)
+        return tensor_digest(self.read_rows(key, sample_rows(shape[0])) if shape else self.read(key))
+
+    def files(self) -> list[dict]:
+        """Each weight file: name, size, modification time and (safetensors) the sha256 of its header.
+
+        The header holds every tensor's name, dtype, shape and byte offsets, and the file's metadata.
+        """
+        described = []
+        for shard in sorted(set(self.weight_map.values())):
+            file = self.path / shard
+            try:
+                info = file.stat()
+                header = _safetensors_header(file) if shard.endswith(".safetensors") else b""
+            except OSError as exc:
+                raise CsuloraError(f"{file}: cannot read the file ({exc.strerror})") from None
+            described.append(
+                {
+                    "name": shard,
+                    "size": info.st_size,
+                    "mtime_ns": info.st_mtime_ns,
+                    "header_sha256": hashlib.sha256(header).hexdigest(),
+                }
+            )
+        return described
+
     def weight_key(self, module: str) -> str:
         """The checkpoint key of ``module``'s weight, tolerating a missing or extra model prefix.
 
@@ -216,6 +261,28 @@ class Checkpoint:
             if any(module == t or module.endswith("." + t) for t in targets):
                 found.append(module)
         return sorted(found, key=natural_key)
+
+
+def _safetensors_header(file: Path) -> bytes:
+    """The 8-byte length and the JSON header of a safetensors file (validated by ``safe_open`` already)."""
+    with open(file, "rb") as handle:
+        length = handle.read(8)
+        return length + handle.read(int.from_bytes(length, "little"))
+
+
+SAMPLE_ROWS = 8  # rows of each weight compared where reading the whole weight would cost too much
+
+
+def sample_rows(rows: int) -> list[int]:
+    """The rows of a ``rows``-row weight that are sampled: the first, the last and evenly spaced ones between."""
+    if rows <= SAMPLE_ROWS:
+        return list(range(rows))
+    return sorted({round(i * (rows - 1) / (SAMPLE_ROWS - 1)) for i in range(SAMPLE_ROWS)})
+
+
+def sample_digest(tensor: torch.Tensor) -> bytes:
+    """sha256 of a weight's sampled rows (``sample_rows``), from the whole tensor in memory."""
+    return tensor_digest(tensor[sample_rows(tensor.shape[0])] if tensor.dim() else tensor)
 
 
 def module_of(key: str) -> str | None:
