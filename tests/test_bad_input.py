@@ -485,6 +485,43 @@ def test_pickled_adapter_is_one_line(tmp_path, llama_adapter, subspace_file, cap
     nothing_written(tmp_path, "out")
 
 
+def test_torch_warnings_never_precede_the_error_line(
+    tmp_path, llama_pair, llama_adapter, subspace_file, capsys, monkeypatch
+):
+    """A pickle torch warns about as it fails to load it: only csulora's line is printed, for a
+    checkpoint as for an adapter; a load that succeeds passes torch's warning on after the output line."""
+    import warnings
+
+    base, aligned = llama_pair
+    state = load_file(llama_adapter / "adapter_model.safetensors")
+    bad = copy(llama_adapter, tmp_path / "pickled")
+    (bad / "adapter_model.safetensors").unlink()
+    torch.save(state, bad / "adapter_model.bin", pickle_protocol=5)  # torch warns, then cannot load it
+    assert run("correct", bad, "-o", tmp_path / "out", "--subspace", subspace_file, "--allow-pickle", "-q") == 2
+    assert "weights_only" in one_error_line(capsys)
+    checkpoint = tmp_path / "pickled-model"
+    checkpoint.mkdir()
+    torch.save({"model.layers.0.self_attn.q_proj.weight": torch.zeros(32, 32)}, checkpoint / "pytorch_model.bin",
+               pickle_protocol=5)  # fmt: skip
+    out = tmp_path / "s.safetensors"
+    assert run("subspace", "--base", checkpoint, "--aligned", aligned, "--targets", "q_proj", "-o", out,
+               "--allow-pickle", "-q") == 2  # fmt: skip
+    assert str(checkpoint) in one_error_line(capsys)
+    nothing_written(tmp_path, "out", "s.safetensors")
+
+    from csulora.checkpoint import load_pickled
+
+    def warning_load(*args, **kwargs):
+        warnings.warn("torch says\nover two lines", UserWarning, stacklevel=2)
+        return state
+
+    monkeypatch.setattr(torch, "load", warning_load)
+    from csulora.errors import CsuloraWarning
+
+    with pytest.warns(CsuloraWarning, match="adapter_model.bin: torch: torch says$"):
+        assert load_pickled(bad / "adapter_model.bin") is state
+
+
 def test_unreadable_file_is_one_line(tmp_path, llama_adapter, subspace_file, capsys, monkeypatch):
     bad = copy(llama_adapter, tmp_path / "unreadable")
     config = bad / "adapter_config.json"

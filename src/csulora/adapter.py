@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import first_line, floating, natural_key, read_failure, resolve_local
+from .checkpoint import floating, load_pickled, natural_key, read_failure, resolve_local
 from .correct import LoraFactors, all_finite
 from .errors import CsuloraError, CsuloraWarning
 
@@ -216,10 +216,7 @@ def _load_weights(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
                 f"{pickled}: pickled adapter weights are refused (pickle can run code); pass --allow-pickle "
                 "to load them with weights_only=True"
             )
-        try:
-            return torch.load(pickled, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise CsuloraError(f"{pickled}: cannot load with weights_only=True ({first_line(exc)})") from None
+        return load_pickled(pickled)
     raise CsuloraError(f"{path}: no {WEIGHTS_NAME}")
 
 

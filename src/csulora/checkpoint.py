@@ -12,12 +12,13 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .errors import CsuloraError
+from .errors import CsuloraError, CsuloraWarning
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -128,10 +129,7 @@ class Checkpoint:
     def _pickle_state(self, shard: str) -> dict:
         if shard not in self._pickled:
             file = self.path / shard
-            try:
-                self._pickled[shard] = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as exc:
-                raise CsuloraError(f"{file}: cannot load with weights_only=True ({first_line(exc)})") from None
+            self._pickled[shard] = load_pickled(file, mmap=True)
         return self._pickled[shard]
 
     def _read_headers(self) -> dict[str, tuple[int, ...]]:
@@ -288,6 +286,24 @@ def sample_digest(tensor: torch.Tensor) -> bytes:
 def module_of(key: str) -> str | None:
     """The module whose weight ``key`` is (``model.layers.0.mlp.up_proj.weight`` -> ``model.layers.0.mlp.up_proj``)."""
     return key[: -len(WEIGHT_SUFFIX)] if key.endswith(WEIGHT_SUFFIX) else None
+
+
+def load_pickled(file: Path, mmap: bool = False):
+    """``torch.load(file, weights_only=True)``; a failure is one ``CsuloraError`` line, torch's warnings none.
+
+    torch warns about the file (an unusual pickle protocol, say) as it reads it: a failed load says
+    only why it failed, and a successful one passes the warnings on as csulora's, which the command
+    prints once it succeeds.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+        except Exception as exc:
+            raise CsuloraError(f"{file}: cannot load with weights_only=True ({first_line(exc)})") from None
+    for warning in caught:
+        warnings.warn(f"{file}: torch: {first_line(Exception(warning.message))}", CsuloraWarning, stacklevel=2)
+    return state
 
 
 def first_line(exc: BaseException) -> str:
