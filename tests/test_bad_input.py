@@ -460,6 +460,44 @@ def test_adapter_config_missing_or_broken_is_one_line(tmp_path, llama_adapter, s
     nothing_written(tmp_path, "out")
 
 
+@pytest.mark.parametrize(
+    "fields,expected",
+    [
+        ({"target_modules": ["absent_proj"]}, "leaves out all of the modules"),
+        ({"target_modules": ["q_proj"]}, "leaves out 12 of 14 of the modules"),
+        ({"target_modules": r"model\.layers\.0\..*"}, "leaves out 7 of 14 of the modules"),
+        ({"exclude_modules": ["o_proj"]}, "leaves out 2 of 14 of the modules"),
+        ({"target_modules": 3}, "'target_modules' must be a list of names or a pattern"),
+        ({"target_modules": "("}, "is not a valid pattern"),
+    ],
+    ids=["absent", "some", "regex", "excluded", "int", "bad_regex"],
+)
+def test_target_modules_must_cover_the_adapter(tmp_path, llama_adapter, subspace_file, capsys, fields, expected):
+    bad = copy(llama_adapter, tmp_path / "adapter")
+    config = json.loads((bad / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps(config | fields))
+    assert run("correct", bad, "-o", tmp_path / "out", "--subspace", subspace_file, "-q") == 2
+    err = one_error_line(capsys)
+    assert expected in err and "adapter_config.json" in err, err
+    nothing_written(tmp_path, "out")
+
+
+def test_target_modules_that_name_only_absent_modules_do_not_load_in_peft(tmp_path, llama_pair, llama_adapter):
+    """What the check above guards against: PEFT refuses such an adapter; a pattern that covers all loads."""
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    bad = copy(llama_adapter, tmp_path / "adapter")
+    config = json.loads((bad / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps(config | {"target_modules": ["absent_proj"]}))
+    with pytest.raises(ValueError, match="absent_proj"):
+        PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(llama_pair[1]), bad)
+    from csulora.adapter import load_adapter
+
+    (bad / "adapter_config.json").write_text(json.dumps(config | {"target_modules": r".*_proj"}))
+    assert len(load_adapter(bad).modules) == 14
+
+
 def test_embedding_lora_says_embedding(tmp_path, subspace_file, capsys):
     from conftest import make_adapter, tiny_llama_config
     from transformers import LlamaForCausalLM

@@ -152,10 +152,46 @@ def load_adapter(source: str | Path, *, allow_pickle: bool = False) -> Adapter:
         raise CsuloraError(f"{path}: the adapter weights are not a dict of tensors")
     state = {key: floating(tensor, f"{path}: tensor {key}") for key, tensor in state.items()}
     modules = _lora_modules(state, path)
+    _check_targets(config, modules, config_file)
     adapter = Adapter(path, config, {_canonical_key(k): v for k, v in state.items()}, modules)
     for module in modules:
         _check_module(adapter, module)
     return adapter
+
+
+def _names_module(names, module: str) -> bool:
+    """PEFT's rule for ``target_modules`` / ``exclude_modules``: a regex matching the whole name, or a list
+    of names that the module's name is or ends with (after a dot)."""
+    if isinstance(names, str):
+        return re.fullmatch(names, module) is not None
+    return module in names or any(module.endswith(f".{name}") for name in names)
+
+
+def _check_targets(config: dict, modules: list[str], file: Path) -> None:
+    """Every module the adapter holds weights for must be one PEFT puts a LoRA on when it loads the adapter.
+
+    A module ``target_modules`` does not name (or ``exclude_modules`` does) gets no LoRA layer: PEFT
+    would not load its weights (none named: it refuses to load), so correcting them means nothing.
+    ``layers_to_transform`` is not checked. ``all-linear`` and no ``target_modules`` cannot be checked here.
+    """
+    targets, excluded = config.get("target_modules"), config.get("exclude_modules")
+    if targets is None or targets == "all-linear":
+        return
+    for field, names in (("target_modules", targets), ("exclude_modules", excluded or [])):
+        if not (isinstance(names, str) or isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            raise CsuloraError(f"{file}: '{field}' must be a list of names or a pattern, got {json.dumps(names)[:80]}")
+        if isinstance(names, str):
+            try:
+                re.compile(names)
+            except re.error as exc:
+                raise CsuloraError(f"{file}: {field} {names!r} is not a valid pattern ({exc})") from None
+    uncovered = [m for m in modules if not _names_module(targets, m) or excluded and _names_module(excluded, m)]
+    if uncovered:
+        which = "all" if len(uncovered) == len(modules) else f"{len(uncovered)} of {len(modules)}"
+        raise CsuloraError(
+            f"{file}: target_modules {json.dumps(targets)[:80]} leaves out {which} of the modules the adapter holds "
+            f"weights for (e.g. {uncovered[0]}): PEFT would not load them"
+        )
 
 
 def _is_number(value) -> bool:
