@@ -443,6 +443,7 @@ def test_verify_compares_whole_weights(tmp_path, llama_pair, llama_adapter, subs
         ('{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "alpha_pattern": {"(": 2}}', "alpha_pattern"),
         ('{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "base_model_name_or_path": 3}', "base_model_name_or_path"),
         ("\udcff", "invalid JSON"),
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
     ],
 )
 def test_adapter_config_missing_or_broken_is_one_line(tmp_path, llama_adapter, subspace_file, capsys, config_text,
@@ -457,6 +458,16 @@ def test_adapter_config_missing_or_broken_is_one_line(tmp_path, llama_adapter, s
     assert run("correct", bad, "-o", tmp_path / "out", "--subspace", subspace_file, "-q") == 2
     err = one_error_line(capsys)
     assert expected in err and str(bad) in err
+    nothing_written(tmp_path, "out")
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors.index.json"])
+def test_deeply_nested_checkpoint_json_is_one_line(tmp_path, llama_pair, llama_adapter, capsys, name):
+    base, aligned = llama_pair
+    bad = copy(aligned, tmp_path / "aligned")
+    (bad / name).write_text("[" * 100_000 + "]" * 100_000)
+    assert run("correct", llama_adapter, "-o", tmp_path / "out", "--base", base, "--aligned", bad, "-q") == 2
+    assert f"{bad / name}: " in one_error_line(capsys)
     nothing_written(tmp_path, "out")
 
 

@@ -144,6 +144,8 @@ def load_adapter(source: str | Path, *, allow_pickle: bool = False) -> Adapter:
         raise CsuloraError(f"{path}: no {CONFIG_NAME}; not a PEFT adapter directory")
     try:
         config = json.loads(config_file.read_text())
+    except RecursionError:
+        raise CsuloraError(f"{config_file}: invalid JSON (nested too deeply)") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise CsuloraError(f"{config_file}: invalid JSON ({exc})") from None
     _check_config(config, config_file)

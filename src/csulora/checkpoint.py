@@ -72,6 +72,8 @@ class Checkpoint:
             return None
         try:
             config = json.loads(file.read_text())
+        except RecursionError:
+            raise CsuloraError(f"{file}: invalid JSON (nested too deeply)") from None
         except (ValueError, UnicodeDecodeError) as exc:
             raise CsuloraError(f"{file}: invalid JSON ({exc})") from None
         if not isinstance(config, dict):
@@ -107,6 +109,8 @@ class Checkpoint:
     def _index_map(self, index: Path) -> dict[str, str]:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
+        except RecursionError:
+            raise CsuloraError(f"{index}: not a valid weight index (nested too deeply)") from None
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
             raise CsuloraError(f"{index}: not a valid weight index ({type(exc).__name__}: {exc})") from None
         if not isinstance(weight_map, dict) or not all(

@@ -15,7 +15,7 @@ def is_eval_result(path: Path) -> bool:
     """Whether ``path`` holds a ``csulora eval --out`` result (the only file ``--force`` replaces)."""
     try:
         result = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False
     return isinstance(result, dict) and "asr" in result and "responses" in result
 
