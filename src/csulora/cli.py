@@ -54,6 +54,12 @@ def _add_source_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", help="base checkpoint (before alignment): directory or Hub id")
     parser.add_argument("--aligned", help="aligned checkpoint (default: the adapter's base_model_name_or_path)")
     parser.add_argument("--allow-pickle", action="store_true", help="load .bin files (weights_only=True)")
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="prove the subspace (or --aligned) comes from the adapter's model: compare every target module's "
+        "whole weight by sha256, not sampled rows; an error if they differ or cannot be compared",
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
@@ -91,7 +97,7 @@ def cmd_subspace(args) -> int:
     from .subspace import is_subspace_file
 
     if args.merge:
-        if args.base or args.aligned or args.shard or args.adapter or args.targets:
+        if args.base or args.aligned or args.shard is not None or args.adapter or args.targets:
             raise CsuloraError("--merge takes only the shard files and -o")
         inputs = list(args.merge)
     else:
@@ -100,7 +106,7 @@ def cmd_subspace(args) -> int:
         if not (args.base and args.aligned):
             raise CsuloraError("subspace needs --base and --aligned (or --merge SHARD_FILES)")
         settings = _settings(args)
-        shard = parse_shard(args.shard) if args.shard else None
+        shard = parse_shard(args.shard) if args.shard is not None else None  # --shard '' is an error, not no shard
         inputs = [args.base, args.aligned, args.adapter]
     # the output is checked and locked before any SVD runs, and stays ours until it is written
     with reserve_output(args.output, force=args.force, owned=is_subspace_file, inputs=inputs):
@@ -145,6 +151,7 @@ def cmd_correct(args) -> int:
         allow_pickle=args.allow_pickle,
         progress=not args.quiet,
         device=args.device,
+        verify=args.verify,
     )
     kept = report["energy_after"] / report["energy_before"] if report["energy_before"] else 1.0
     print(
@@ -178,6 +185,7 @@ def cmd_inspect(args) -> int:
             allow_pickle=args.allow_pickle,
             progress=not args.quiet,
             device=args.device,
+            verify=args.verify,
         )
         if args.plot:
             pair = (

@@ -104,25 +104,27 @@ def correct_adapter(
     allow_pickle: bool = False,
     progress: bool = False,
     device: str | None = None,
+    verify: bool = False,
 ) -> dict:
     """Correct ``adapter`` and write a PEFT adapter plus ``csulora_report.json`` into ``out``.
 
     Returns the report. The subspace comes from ``subspace`` (a file or object) or is computed from
     ``base`` and ``aligned`` (default: the adapter's ``base_model_name_or_path``). ``params`` holds the
     method's settings (see ``csulora.methods``). The output is checked (writable, not an input,
-    replaceable) before any work is done.
+    replaceable) before any work is done. ``verify``: the subspace (or ``aligned``) must be proven to
+    come from the adapter's model, every target module's whole weight compared (see ``sources``).
     """
     spec = get_method(method)
     method_settings = spec.settings_from(params)
     needs = spec.needs_for(method_settings)
     adapter = adapter if isinstance(adapter, Adapter) else load_adapter(adapter, allow_pickle=allow_pickle)
     required = f"--method {method} needs the full alignment matrix: pass --base (and --aligned)"
-    pair = open_pair(adapter, base, aligned, allow_pickle, required if needs is Needs.DELTA else None)
+    pair = open_pair(adapter, base, aligned, allow_pickle, required if needs is Needs.DELTA else None, verify)
     subspace_path = subspace if isinstance(subspace, str | Path) else getattr(subspace, "path", None)
     inputs = [adapter.path, subspace_path] + ([pair.base.path, pair.aligned.path] if pair else [])
     with reserve_output(out, force=force, owned=is_corrected_adapter, inputs=inputs, kind="dir"):
         source = (
-            AdapterSubspace(adapter, subspace, pair, aligned, settings, progress, device)
+            AdapterSubspace(adapter, subspace, pair, aligned, settings, progress, device, verify)
             if needs is Needs.BASIS
             else None
         )

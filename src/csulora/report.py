@@ -26,12 +26,12 @@ def inspect_adapter(
     allow_pickle: bool = False,
     progress: bool = False,
     device: str | None = None,
+    verify: bool = False,
 ) -> list[dict]:
     """The per-module decomposition of ``adapter`` (nothing is written): one row per module."""
     adapter = adapter if isinstance(adapter, Adapter) else load_adapter(adapter, allow_pickle=allow_pickle)
-    source = AdapterSubspace(
-        adapter, subspace, open_pair(adapter, base, aligned, allow_pickle), aligned, settings, progress, device
-    )
+    pair = open_pair(adapter, base, aligned, allow_pickle, verify=verify)
+    source = AdapterSubspace(adapter, subspace, pair, aligned, settings, progress, device, verify)
     rows = []
     for basis in source.bases():
         lora = adapter.factors(basis.module)
