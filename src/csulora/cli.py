@@ -310,7 +310,7 @@ def _streams_checkpoints(args) -> bool:
 def _run(args) -> int:
     if _streams_checkpoints(args):  # big tensors freed module by module go straight back to the OS
         # (not for `correct --subspace` alone: its few-MB factors are reused by malloc instead of being
-        # mapped and faulted in afresh, 0.9 s less system time at 7B shape)
+        # mapped and faulted in afresh, which costs system time; docs/performance.md)
         map_large_allocations()
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
