@@ -106,6 +106,11 @@ def test_a_method_reading_the_full_displacement_names_the_pair(tmp_path, llama_a
     assert f"read from base `{base}` and aligned `{aligned}`" in body
     assert "`safelora`" in body and "`threshold=" in body
 
+    streamed = tmp_path / "streamed"
+    correct_adapter(llama_adapter, streamed, base=base)  # csulora, its subspace computed from the pair
+    _, body = front_matter((streamed / "README.md").read_text())
+    assert "a subspace computed on the fly" in body and f"  - aligned: `{aligned}`" in body
+
 
 REPORT = {
     "method": "csulora",
@@ -136,3 +141,7 @@ def test_a_card_without_front_matter_or_base_model():
     assert meta == {"library_name": "peft", "tags": ["csulora", "lora"]}
     assert body.endswith("## Original model card\n\nJust text.\n")
     assert "- **Subspace**: none" in body
+    given = REPORT | {"subspace": {"aligned": {"source": "org/chat", "sha256": "ab12"}, "settings": {"energy": 0.8}}}
+    _, body = front_matter(corrected_card(given, base_model=None))
+    assert "a subspace given in memory" in body and "`org/chat` (sha256 of the weights used `ab12`)" in body
+    assert "`energy=0.8`" in body and "The input adapter had no model card." in body

@@ -29,13 +29,15 @@ def corrected_card(
     task_type: str | None = None,
     original: str | None = None,
     subspace_file: str | None = None,
+    streamed: bool = False,
     pair: tuple[str, str] | None = None,
     where: str = "the adapter",
 ) -> str:
     """The card of a corrected adapter, from ``correct``'s report and the input card ``original``.
 
-    ``subspace_file``: the subspace file it was corrected with (None: computed on the fly, or none);
-    ``pair``: the (base, aligned) sources read for a method that needs the full ``V``.
+    ``subspace_file``: the subspace file it was corrected with, if any; ``streamed``: the subspace was
+    computed from the pair on the fly; ``pair``: the (base, aligned) sources read for a method that
+    needs the full ``V``.
     """
     data, text = _split(original, where)
     if base_model:
@@ -46,7 +48,7 @@ def corrected_card(
     data.tags = sorted({str(tag) for tag in tags} | set(extra))
     if task_type == "CAUSAL_LM" and not data.pipeline_tag:
         data.pipeline_tag = "text-generation"  # as PEFT sets it for a causal LM
-    return f"---\n{data.to_yaml()}\n---\n" + _body(report, subspace_file, pair) + _original_section(text)
+    return f"---\n{data.to_yaml()}\n---\n" + _body(report, subspace_file, streamed, pair) + _original_section(text)
 
 
 def _split(original: str | None, where: str) -> tuple[ModelCardData, str]:
@@ -77,7 +79,7 @@ def _value(value: Any) -> str:
     return str(value)
 
 
-def _body(report: Mapping[str, Any], subspace_file: str | None, pair: tuple[str, str] | None) -> str:
+def _body(report: Mapping[str, Any], subspace_file: str | None, streamed: bool, pair: tuple[str, str] | None) -> str:
     method, params = report["method"], report.get("params") or {}
     settings = ", ".join(f"`{name}={_value(value)}`" for name, value in params.items()) or "none"
     modules = report.get("modules") or {}
@@ -93,7 +95,7 @@ def _body(report: Mapping[str, Any], subspace_file: str | None, pair: tuple[str,
         "safety subspace of the aligned model it was trained on.",
         "",
         f"- **Method**: `{method}`; settings: {settings}",
-        *_subspace_lines(report.get("subspace"), subspace_file, pair),
+        *_subspace_lines(report.get("subspace"), subspace_file, streamed, pair),
         f"- **Modules**: {len(modules)} corrected"
         + (f", {len(unchanged)} left unchanged (aligned equals base there)" if unchanged else ""),
         f"- **Energy kept**: {kept:.1%} of the update's energy (the sum over modules of `||dW*||_F^2`, "
@@ -106,13 +108,16 @@ def _body(report: Mapping[str, Any], subspace_file: str | None, pair: tuple[str,
     return "\n".join(lines)
 
 
-def _subspace_lines(subspace: Mapping[str, Any] | None, subspace_file: str | None, pair) -> list[str]:
+def _subspace_lines(subspace: Mapping[str, Any] | None, subspace_file: str | None, streamed: bool, pair) -> list[str]:
     if subspace is None:
         if pair is None:
             return ["- **Subspace**: none (this method reads none)"]
         base, aligned = pair
         return [f"- **Alignment displacement**: `V = aligned - base`, read from base `{base}` and aligned `{aligned}`"]
-    origin = f"the subspace file `{subspace_file}`" if subspace_file else "a subspace computed on the fly"
+    if subspace_file:
+        origin = f"the subspace file `{subspace_file}`"
+    else:
+        origin = "a subspace computed on the fly" if streamed else "a subspace given in memory (not read from a file)"
     lines = [f"- **Subspace**: {origin}, from the (base, aligned) checkpoint pair"]
     for side in ("base", "aligned"):
         entry = subspace.get(side) or {}

@@ -132,11 +132,12 @@ def correct_adapter(
         with atomic_dir(out, force=force, owned=is_corrected_adapter, inputs=inputs) as tmp:
             write_adapter(adapter, tmp, {result.module: result.corrected.lora for result in correction.modules})
             (tmp / REPORT_NAME).write_text(strict_json(report) + "\n")
-            (tmp / CARD_NAME).write_text(_card(adapter, report, subspace_path, pair))  # replaces the input's copy
+            card = _card(adapter, report, subspace, subspace_path, pair)
+            (tmp / CARD_NAME).write_text(card, encoding="utf-8")  # replaces the input's copy
     return report
 
 
-def _card(adapter: Adapter, report: dict, subspace_path, pair: Pair | None) -> str:
+def _card(adapter: Adapter, report: dict, subspace, subspace_path, pair: Pair | None) -> str:
     """The output's model card: how the adapter was corrected, then the input's own card."""
     original = adapter.path / CARD_NAME
     return corrected_card(
@@ -145,6 +146,7 @@ def _card(adapter: Adapter, report: dict, subspace_path, pair: Pair | None) -> s
         task_type=adapter.config.get("task_type"),
         original=original.read_text(encoding="utf-8", errors="replace") if original.is_file() else None,
         subspace_file=str(subspace_path) if subspace_path is not None else None,
+        streamed=subspace is None,
         pair=(pair.base.source, pair.aligned.source) if pair is not None and report["subspace"] is None else None,
         where=str(adapter.path),
     )
