@@ -14,11 +14,12 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from . import __version__
+from ._version import __version__
 from .adapter import CONFIG_NAME, Adapter, load_adapter, write_adapter
 from .correct import Corrected, LoraFactors, frobenius_sq
 from .io_utils import atomic_dir, reserve_output, strict_json
 from .methods import DEFAULT_METHOD, Method, MethodParams, ModuleInputs, Needs, Settings, get_method
+from .model_card import CARD_NAME, corrected_card
 from .sources import AdapterSubspace, Pair, adapter_deltas, open_pair
 from .subspace import Subspace, SubspaceSettings
 from .subspace_stream import warn_unaligned
@@ -133,7 +134,24 @@ def correct_adapter(
         with atomic_dir(out, force=force, owned=is_corrected_adapter, inputs=inputs) as tmp:
             write_adapter(adapter, tmp, {result.module: result.corrected.lora for result in correction.modules})
             (tmp / REPORT_NAME).write_text(strict_json(report) + "\n")
+            card = _card(adapter, report, subspace, subspace_path, pair)
+            (tmp / CARD_NAME).write_text(card, encoding="utf-8")  # replaces the input's copy
     return report
+
+
+def _card(adapter: Adapter, report: dict, subspace, subspace_path, pair: Pair | None) -> str:
+    """The output's model card: how the adapter was corrected, then the input's own card."""
+    original = adapter.path / CARD_NAME
+    return corrected_card(
+        report,
+        base_model=adapter.base_model,
+        task_type=adapter.config.get("task_type"),
+        original=original.read_text(encoding="utf-8", errors="replace") if original.is_file() else None,
+        subspace_file=str(subspace_path) if subspace_path is not None else None,
+        streamed=subspace is None,
+        pair=(pair.base.source, pair.aligned.source) if pair is not None and report["subspace"] is None else None,
+        where=str(adapter.path),
+    )
 
 
 @dataclass(frozen=True)

@@ -84,10 +84,10 @@ def float32_difference(minuend: torch.Tensor, subtrahend: torch.Tensor, rows: in
     """``minuend - subtrahend`` in float32 (each weight cast to float32, then subtracted), a new tensor.
 
     bfloat16 weights (most released checkpoints) go through numpy a block of rows at a time: a
-    bfloat16 is the top half of a float32, so a 16-bit shift casts it exactly, 4x faster than torch's
-    cast on CPU, and only a block of the subtrahend is ever float32. The same bits as torch's (where
-    both are NaN the payload may differ; a NaN in V is an error anyway). Overflow and NaN are left
-    to the caller's checks, silently, as torch leaves them.
+    bfloat16 is the top half of a float32, so a 16-bit shift casts it exactly, faster than torch's
+    cast on CPU (docs/performance.md), and only a block of the subtrahend is ever float32. The same
+    bits as torch's (where both are NaN the payload may differ; a NaN in V is an error anyway).
+    Overflow and NaN are left to the caller's checks, silently, as torch leaves them.
     """
     bfloat16 = minuend.dtype == subtrahend.dtype == torch.bfloat16
     if not bfloat16 or minuend.device.type != "cpu" or minuend.dim() == 0:

@@ -90,16 +90,21 @@ STAGES = ("align", "attack", "correct")
 
 
 def register(sub) -> None:
-    from .runner import SIZES
-
-    p = sub.add_parser(
+    """``csulora lab``; its options are added when it runs or prints its help (SIZES imports torch)."""
+    sub.add_parser(
         "lab",
         help="build base / aligned / LoRA-attacked models locally, correct with every method, report",
         description="Reproduce the CSULoRA experiment in miniature on a CPU: a synthetic world, a small Llama "
         "trained from scratch, an alignment fine-tune, a harmful LoRA attack, every correction method, evaluation "
         "and a report. Trained artifacts are cached under OUT/cache. --world smollm2 prepares the real-model world "
         "(SmolLM2-135M-Instruct and the Do-Not-Answer prompts, fetched once with --fetch).",
-    )
+        complete=_add_options,
+    ).set_defaults(func=cmd_lab)
+
+
+def _add_options(p) -> None:
+    from .runner import SIZES
+
     p.add_argument("--out", type=Path, default=Path("csulora-lab"), help="output directory (./csulora-lab)")
     p.add_argument("--world", default="synthetic", choices=WORLDS, help="synthetic (default) or smollm2")
     p.add_argument(
@@ -145,4 +150,3 @@ def register(sub) -> None:
     )
     p.add_argument("--device", default="cpu", help="smollm2: where training and generation run (cpu, cuda)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines")
-    p.set_defaults(func=cmd_lab)
