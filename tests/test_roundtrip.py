@@ -309,6 +309,54 @@ def test_gpt2_conv1d_fan_in_fan_out(tmp_path, gpt2_pair, method):
     check_round_trip(tmp_path, GPT2LMHeadModel, base, aligned, adapter, method, params, fan_in_fan_out=True)
 
 
+@pytest.mark.parametrize("method", ["csulora", "safelora"])
+@pytest.mark.parametrize("targets", [["q_proj", "o_proj"], LLAMA_TARGETS], ids=["square", "all"])
+def test_fan_in_fan_out_on_linear_modules_is_ignored_as_peft_does(tmp_path, llama_pair, method, targets):
+    """PEFT treats an nn.Linear as Linear whatever fan_in_fan_out says (and warns): so does csulora,
+    on square modules (where the shapes cannot tell) as on the others."""
+    from transformers import LlamaForCausalLM
+
+    from csulora.errors import CsuloraWarning
+
+    base, aligned = llama_pair
+    adapter = make_adapter(LlamaForCausalLM.from_pretrained(aligned), tmp_path / "lora", seed=4, target_modules=targets)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps(config | {"fan_in_fan_out": True}))
+    params = MethodParams(lam=2.0, threshold=0.9)
+    with pytest.warns(CsuloraWarning, match="fan_in_fan_out is true but module .* is a torch.nn.Linear"):
+        check_round_trip(tmp_path, LlamaForCausalLM, base, aligned, adapter, method, params, fan_in_fan_out=False)
+
+
+def test_a_subspace_that_does_not_fit_says_what_it_is(tmp_path, llama_pair, gpt2_pair, capsys):
+    """A basis of another shape (GPT-2's c_fc relabelled as q_proj): the error names both shapes."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from transformers import LlamaForCausalLM
+
+    from csulora.cli import main
+
+    model = LlamaForCausalLM.from_pretrained(llama_pair[1])
+    adapter = make_adapter(model, tmp_path / "lora", target_modules=["q_proj"])
+    base, aligned = gpt2_pair
+    sub = tmp_path / "gpt2.safetensors"
+    assert main(["subspace", "--base", str(base), "--aligned", str(aligned), "--targets", "c_fc", "-o", str(sub)]) == 0
+    with safe_open(str(sub), framework="pt") as f:
+        meta = json.loads(f.metadata()["csulora"])
+    state = load_file(sub)
+    bad = tmp_path / "bad.safetensors"
+    tensors, modules = {}, {}
+    for layer, name in enumerate(meta["modules"]):
+        q_proj = f"model.layers.{layer}.self_attn.q_proj"
+        tensors |= {f"{q_proj}.{part}": state[f"{name}.{part}"] for part in ("U", "R", "sigma")}
+        modules[q_proj] = meta["modules"][name]
+    save_file(tensors, str(bad), metadata={"csulora": json.dumps(meta | {"modules": modules, "model_type": None})})
+    capsys.readouterr()
+    assert main(["inspect", str(adapter), "--subspace", str(bad), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is for is" not in err, err
+    assert f"updates a 32 x 32 weight but the subspace in {bad} is 32 x 128;" in err, err
+
+
 def test_gpt_neox_fused_query_key_value(tmp_path):
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 

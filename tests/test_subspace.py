@@ -97,7 +97,7 @@ SPECTRA = {
 
 
 @pytest.mark.parametrize("spectrum", list(SPECTRA))
-@pytest.mark.parametrize("tau", [0.5, 0.8])
+@pytest.mark.parametrize("tau", [pytest.param(0.5, marks=pytest.mark.slow), 0.8])  # 0.8: the default
 @pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow)])
 def test_adaptive_sketch_matches_exact_svd(spectrum, tau, seed):
     """Energy mode's growing sketch: the exact SVD's k and a top-k subspace within 1 degree of it."""
@@ -114,7 +114,10 @@ def test_adaptive_sketch_matches_exact_svd(spectrum, tau, seed):
     assert torch.allclose(U.T @ U, torch.eye(k_exact), atol=1e-5)
 
 
-@pytest.mark.parametrize("spectrum", ["power law 0.75", "power law 0.7 + tail noise", "decay + 10% noise"])
+@pytest.mark.parametrize(
+    "spectrum",
+    [pytest.param("power law 0.75", marks=pytest.mark.slow), "power law 0.7 + tail noise", "decay + 10% noise"],
+)
 def test_adaptive_sketch_stops_early_on_decaying_spectra(spectrum, monkeypatch):
     """The Krylov space is accepted well before the full-width sketch: that is where the time goes."""
     sigma, noise = SPECTRA[spectrum]

@@ -6,10 +6,12 @@ Module names are those PEFT uses for ``rank_pattern`` (the module's path in the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,15 +19,33 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import first_line, floating, natural_key, read_failure, resolve_local
+from .checkpoint import floating, load_pickled, natural_key, read_failure, resolve_local
 from .correct import LoraFactors, all_finite
-from .errors import CsuloraError
+from .errors import CsuloraError, CsuloraWarning
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<side>A|B)(?:\.(?P<adapter>[^.]+))?\.weight$")
+
+
+# Modules that transformers builds as ``Conv1D`` (weight stored in x out), by model_type; PEFT treats
+# every other target as ``torch.nn.Linear`` (out x in), whatever the adapter's fan_in_fan_out says.
+_GPT2_CONV1D = frozenset({"c_attn", "q_attn", "c_proj", "c_fc"})
+CONV1D_MODULES = {
+    "gpt2": _GPT2_CONV1D,
+    "imagegpt": _GPT2_CONV1D,
+    "decision_transformer": _GPT2_CONV1D,
+    "openai-gpt": frozenset({"c_attn", "c_proj", "c_fc"}),
+}
+
+
+def is_conv1d(model_type: str | None, module: str) -> bool | None:
+    """Whether ``module`` of a ``model_type`` model is a ``Conv1D``; None when the model type is unknown."""
+    if model_type is None:
+        return None
+    return module.rsplit(".", 1)[-1] in CONV1D_MODULES.get(model_type, frozenset())
 
 
 def _pattern_value(pattern: dict, module: str, default):
@@ -42,6 +62,7 @@ class Adapter:
     config: dict
     state: dict[str, torch.Tensor]
     modules: list[str]
+    _layouts_warned: set = dataclasses.field(default_factory=set, repr=False, compare=False)
 
     @property
     def fan_in_fan_out(self) -> bool:
@@ -78,6 +99,31 @@ class Adapter:
                 "was the adapter trained on a different model?"
             )
 
+    def stored_transposed(self, module: str, stored: tuple[int, ...], model_type: str | None, what: str) -> bool:
+        """Whether ``what`` (a weight, ``V`` or a basis) of ``stored`` shape is ``in x out``, by PEFT's rule.
+
+        PEFT goes by the module's class: a ``Conv1D`` is transposed and anything else is an
+        ``nn.Linear``, whatever ``fan_in_fan_out`` says (it warns and overrides the flag). The class
+        comes from the model type; without one, a weight that fits only one way says it, and only a
+        square weight of an unknown model is taken as the flag says. Checks the fit.
+        """
+        m, n = self.update_shape(module)
+        conv1d = is_conv1d(model_type, module)
+        if conv1d is None:
+            fits = [flip for flip in (False, True) if tuple(stored[::-1] if flip else stored) == (m, n)]
+            conv1d = fits[0] if len(fits) == 1 else self.fan_in_fan_out
+        self.check_fits(module, tuple(stored[::-1] if conv1d else stored), what)
+        if conv1d != self.fan_in_fan_out and conv1d not in self._layouts_warned:
+            self._layouts_warned.add(conv1d)  # once per adapter, as PEFT warns once per module class
+            kind, flag = ("a Conv1D", "true") if conv1d else ("a torch.nn.Linear", "false")
+            warnings.warn(
+                f"{self.path}: fan_in_fan_out is {str(self.fan_in_fan_out).lower()} but module {module} is {kind}; "
+                f"taken with fan_in_fan_out {flag}, as PEFT does",
+                CsuloraWarning,
+                stacklevel=2,
+            )
+        return conv1d
+
     def factors(self, module: str, dtype: torch.dtype = torch.float64) -> LoraFactors:
         """``dW = s B A`` with ``B: out x r``, ``A: r x in`` (PEFT keeps this order for Conv1D too)."""
         return LoraFactors(
@@ -98,6 +144,8 @@ def load_adapter(source: str | Path, *, allow_pickle: bool = False) -> Adapter:
         raise CsuloraError(f"{path}: no {CONFIG_NAME}; not a PEFT adapter directory")
     try:
         config = json.loads(config_file.read_text())
+    except RecursionError:
+        raise CsuloraError(f"{config_file}: invalid JSON (nested too deeply)") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise CsuloraError(f"{config_file}: invalid JSON ({exc})") from None
     _check_config(config, config_file)
@@ -106,10 +154,46 @@ def load_adapter(source: str | Path, *, allow_pickle: bool = False) -> Adapter:
         raise CsuloraError(f"{path}: the adapter weights are not a dict of tensors")
     state = {key: floating(tensor, f"{path}: tensor {key}") for key, tensor in state.items()}
     modules = _lora_modules(state, path)
+    _check_targets(config, modules, config_file)
     adapter = Adapter(path, config, {_canonical_key(k): v for k, v in state.items()}, modules)
     for module in modules:
         _check_module(adapter, module)
     return adapter
+
+
+def _names_module(names, module: str) -> bool:
+    """PEFT's rule for ``target_modules`` / ``exclude_modules``: a regex matching the whole name, or a list
+    of names that the module's name is or ends with (after a dot)."""
+    if isinstance(names, str):
+        return re.fullmatch(names, module) is not None
+    return module in names or any(module.endswith(f".{name}") for name in names)
+
+
+def _check_targets(config: dict, modules: list[str], file: Path) -> None:
+    """Every module the adapter holds weights for must be one PEFT puts a LoRA on when it loads the adapter.
+
+    A module ``target_modules`` does not name (or ``exclude_modules`` does) gets no LoRA layer: PEFT
+    would not load its weights (none named: it refuses to load), so correcting them means nothing.
+    ``layers_to_transform`` is not checked. ``all-linear`` and no ``target_modules`` cannot be checked here.
+    """
+    targets, excluded = config.get("target_modules"), config.get("exclude_modules")
+    if targets is None or targets == "all-linear":
+        return
+    for field, names in (("target_modules", targets), ("exclude_modules", excluded or [])):
+        if not (isinstance(names, str) or isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            raise CsuloraError(f"{file}: '{field}' must be a list of names or a pattern, got {json.dumps(names)[:80]}")
+        if isinstance(names, str):
+            try:
+                re.compile(names)
+            except re.error as exc:
+                raise CsuloraError(f"{file}: {field} {names!r} is not a valid pattern ({exc})") from None
+    uncovered = [m for m in modules if not _names_module(targets, m) or excluded and _names_module(excluded, m)]
+    if uncovered:
+        which = "all" if len(uncovered) == len(modules) else f"{len(uncovered)} of {len(modules)}"
+        raise CsuloraError(
+            f"{file}: target_modules {json.dumps(targets)[:80]} leaves out {which} of the modules the adapter holds "
+            f"weights for (e.g. {uncovered[0]}): PEFT would not load them"
+        )
 
 
 def _is_number(value) -> bool:
@@ -170,10 +254,7 @@ def _load_weights(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
                 f"{pickled}: pickled adapter weights are refused (pickle can run code); pass --allow-pickle "
                 "to load them with weights_only=True"
             )
-        try:
-            return torch.load(pickled, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise CsuloraError(f"{pickled}: cannot load with weights_only=True ({first_line(exc)})") from None
+        return load_pickled(pickled)
     raise CsuloraError(f"{path}: no {WEIGHTS_NAME}")
 
 

@@ -12,12 +12,13 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .errors import CsuloraError
+from .errors import CsuloraError, CsuloraWarning
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -71,6 +72,8 @@ class Checkpoint:
             return None
         try:
             config = json.loads(file.read_text())
+        except RecursionError:
+            raise CsuloraError(f"{file}: invalid JSON (nested too deeply)") from None
         except (ValueError, UnicodeDecodeError) as exc:
             raise CsuloraError(f"{file}: invalid JSON ({exc})") from None
         if not isinstance(config, dict):
@@ -106,6 +109,8 @@ class Checkpoint:
     def _index_map(self, index: Path) -> dict[str, str]:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
+        except RecursionError:
+            raise CsuloraError(f"{index}: not a valid weight index (nested too deeply)") from None
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
             raise CsuloraError(f"{index}: not a valid weight index ({type(exc).__name__}: {exc})") from None
         if not isinstance(weight_map, dict) or not all(
@@ -128,10 +133,7 @@ class Checkpoint:
     def _pickle_state(self, shard: str) -> dict:
         if shard not in self._pickled:
             file = self.path / shard
-            try:
-                self._pickled[shard] = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as exc:
-                raise CsuloraError(f"{file}: cannot load with weights_only=True ({first_line(exc)})") from None
+            self._pickled[shard] = load_pickled(file, mmap=True)
         return self._pickled[shard]
 
     def _read_headers(self) -> dict[str, tuple[int, ...]]:
@@ -191,6 +193,51 @@ class Checkpoint:
                 raise CsuloraError(f"{file}: {key} is {tensor.dtype} with scales {scales[0]}: dequantize it first")
         return floating(tensor, f"{file}: {key}")
 
+    def read_rows(self, key: str, rows: list[int]) -> torch.Tensor:
+        """Rows ``rows`` of a tensor (as ``read(key)[rows]``, the same dtype), without reading the rest."""
+        if key not in self.weight_map:
+            raise CsuloraError(f"{self.path}: no tensor {key}")
+        shard = self.weight_map[key]
+        file = self.path / shard
+        if not shard.endswith(".safetensors"):
+            tensor = self._pickle_state(shard)[key][rows].clone()
+        else:
+            try:
+                with safe_open(str(file), framework="pt") as f:
+                    part = f.get_slice(key)
+                    tensor = torch.cat([part[row : row + 1] for row in rows]) if rows else part[0:0]
+            except (SafetensorError, OSError) as exc:
+                raise read_failure(file, exc, f"cannot read {key}") from None
+        return floating(tensor, f"{file}: {key}")
+
+    def sample_digest(self, key: str) -> bytes:
+        """``sample_digest(self.read(key))``, reading only the sampled rows."""
+        shape = self.shape(key)
+        return tensor_digest(self.read_rows(key, sample_rows(shape[0])) if shape else self.read(key))
+
+    def files(self) -> list[dict]:
+        """Each weight file: name, size, modification time and (safetensors) the sha256 of its header.
+
+        The header holds every tensor's name, dtype, shape and byte offsets, and the file's metadata.
+        """
+        described = []
+        for shard in sorted(set(self.weight_map.values())):
+            file = self.path / shard
+            try:
+                info = file.stat()
+                header = _safetensors_header(file) if shard.endswith(".safetensors") else b""
+            except OSError as exc:
+                raise CsuloraError(f"{file}: cannot read the file ({exc.strerror})") from None
+            described.append(
+                {
+                    "name": shard,
+                    "size": info.st_size,
+                    "mtime_ns": info.st_mtime_ns,
+                    "header_sha256": hashlib.sha256(header).hexdigest(),
+                }
+            )
+        return described
+
     def weight_key(self, module: str) -> str:
         """The checkpoint key of ``module``'s weight, tolerating a missing or extra model prefix.
 
@@ -218,9 +265,49 @@ class Checkpoint:
         return sorted(found, key=natural_key)
 
 
+def _safetensors_header(file: Path) -> bytes:
+    """The 8-byte length and the JSON header of a safetensors file (validated by ``safe_open`` already)."""
+    with open(file, "rb") as handle:
+        length = handle.read(8)
+        return length + handle.read(int.from_bytes(length, "little"))
+
+
+SAMPLE_ROWS = 8  # rows of each weight compared where reading the whole weight would cost too much
+
+
+def sample_rows(rows: int) -> list[int]:
+    """The rows of a ``rows``-row weight that are sampled: the first, the last and evenly spaced ones between."""
+    if rows <= SAMPLE_ROWS:
+        return list(range(rows))
+    return sorted({round(i * (rows - 1) / (SAMPLE_ROWS - 1)) for i in range(SAMPLE_ROWS)})
+
+
+def sample_digest(tensor: torch.Tensor) -> bytes:
+    """sha256 of a weight's sampled rows (``sample_rows``), from the whole tensor in memory."""
+    return tensor_digest(tensor[sample_rows(tensor.shape[0])] if tensor.dim() else tensor)
+
+
 def module_of(key: str) -> str | None:
     """The module whose weight ``key`` is (``model.layers.0.mlp.up_proj.weight`` -> ``model.layers.0.mlp.up_proj``)."""
     return key[: -len(WEIGHT_SUFFIX)] if key.endswith(WEIGHT_SUFFIX) else None
+
+
+def load_pickled(file: Path, mmap: bool = False):
+    """``torch.load(file, weights_only=True)``; a failure is one ``CsuloraError`` line, torch's warnings none.
+
+    torch warns about the file (an unusual pickle protocol, say) as it reads it: a failed load says
+    only why it failed, and a successful one passes the warnings on as csulora's, which the command
+    prints once it succeeds.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+        except Exception as exc:
+            raise CsuloraError(f"{file}: cannot load with weights_only=True ({first_line(exc)})") from None
+    for warning in caught:
+        warnings.warn(f"{file}: torch: {first_line(Exception(warning.message))}", CsuloraWarning, stacklevel=2)
+    return state
 
 
 def first_line(exc: BaseException) -> str:

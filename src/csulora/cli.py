@@ -8,13 +8,43 @@ import signal
 import sys
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
-from . import __version__
+from ._version import __version__
 from .errors import CsuloraError, CsuloraWarning
 from .evaluate import cli as evaluate_cli
 from .lab import cli as lab_cli
 from .memory import map_large_allocations
+
+
+class _Subcommand(argparse.ArgumentParser):
+    """A subcommand's parser that adds its generated options when it is first used (parsed or printed).
+
+    The method flags come from the registry, which imports torch: ``csulora --help``, ``--version`` and
+    the commands that need no method then start without it.
+    """
+
+    def __init__(self, *args, complete: Callable[[argparse.ArgumentParser], None] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._complete = complete
+
+    def _completed(self) -> None:
+        if self._complete is not None:
+            complete, self._complete = self._complete, None
+            complete(self)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._completed()
+        return super().parse_known_args(args, namespace)
+
+    def format_usage(self) -> str:
+        self._completed()
+        return super().format_usage()
+
+    def format_help(self) -> str:
+        self._completed()
+        return super().format_help()
 
 
 def _csv(text: str) -> list[str]:
@@ -54,6 +84,12 @@ def _add_source_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", help="base checkpoint (before alignment): directory or Hub id")
     parser.add_argument("--aligned", help="aligned checkpoint (default: the adapter's base_model_name_or_path)")
     parser.add_argument("--allow-pickle", action="store_true", help="load .bin files (weights_only=True)")
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="prove the subspace (or --aligned) comes from the adapter's model: compare every target module's "
+        "whole weight by sha256, not sampled rows; an error if they differ or cannot be compared",
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
@@ -91,7 +127,7 @@ def cmd_subspace(args) -> int:
     from .subspace import is_subspace_file
 
     if args.merge:
-        if args.base or args.aligned or args.shard or args.adapter or args.targets:
+        if args.base or args.aligned or args.shard is not None or args.adapter or args.targets:
             raise CsuloraError("--merge takes only the shard files and -o")
         inputs = list(args.merge)
     else:
@@ -100,7 +136,7 @@ def cmd_subspace(args) -> int:
         if not (args.base and args.aligned):
             raise CsuloraError("subspace needs --base and --aligned (or --merge SHARD_FILES)")
         settings = _settings(args)
-        shard = parse_shard(args.shard) if args.shard else None
+        shard = parse_shard(args.shard) if args.shard is not None else None  # --shard '' is an error, not no shard
         inputs = [args.base, args.aligned, args.adapter]
     # the output is checked and locked before any SVD runs, and stays ours until it is written
     with reserve_output(args.output, force=args.force, owned=is_subspace_file, inputs=inputs):
@@ -145,6 +181,7 @@ def cmd_correct(args) -> int:
         allow_pickle=args.allow_pickle,
         progress=not args.quiet,
         device=args.device,
+        verify=args.verify,
     )
     kept = report["energy_after"] / report["energy_before"] if report["energy_before"] else 1.0
     print(
@@ -178,6 +215,7 @@ def cmd_inspect(args) -> int:
             allow_pickle=args.allow_pickle,
             progress=not args.quiet,
             device=args.device,
+            verify=args.verify,
         )
         rows = diagnostic["modules"]
         if args.plot:
@@ -201,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="csulora", description="Closest Safe Update LoRA: post-hoc safety correction of LoRA adapters."
     )
     parser.add_argument("--version", action="version", version=f"csulora {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Subcommand)
 
     p = sub.add_parser("subspace", help="compute the per-module safety subspaces of a (base, aligned) pair")
     p.add_argument("--base", help="base checkpoint (before alignment)")
@@ -217,12 +255,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_subspace_options(p)
     p.set_defaults(func=cmd_subspace)
 
-    p = sub.add_parser("correct", help="write a corrected PEFT adapter and csulora_report.json")
+    shared: dict[str, argparse.Action] = {}
+    p = sub.add_parser(
+        "correct",
+        help="write a corrected PEFT adapter, its model card and csulora_report.json",
+        complete=lambda parser: _add_method_options(parser, shared),  # the registry: only when `correct` runs
+    )
     p.add_argument("adapter", help="PEFT LoRA adapter directory (or Hub id)")
     p.add_argument("-o", "--output", required=True, type=Path, help="output adapter directory")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     _add_source_options(p)
-    _add_method_options(p, _add_subspace_options(p))
+    shared |= _add_subspace_options(p)
     p.set_defaults(func=cmd_correct)
 
     p = sub.add_parser(
@@ -282,7 +325,7 @@ def _streams_checkpoints(args) -> bool:
 def _run(args) -> int:
     if _streams_checkpoints(args):  # big tensors freed module by module go straight back to the OS
         # (not for `correct --subspace` alone: its few-MB factors are reused by malloc instead of being
-        # mapped and faulted in afresh, 0.9 s less system time at 7B shape)
+        # mapped and faulted in afresh, which costs system time; docs/performance.md)
         map_large_allocations()
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None

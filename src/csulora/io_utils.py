@@ -2,8 +2,9 @@
 
 Every output is written into a temporary sibling and renamed into place, under a lock file next to
 it so that two runs writing the same path cannot both win. Temporaries, the lock and a displaced old
-output carry the writer's pid in their names (``.NAME.csulora-tmp-PID-XXXX``), so a later run can
-recognise those of a killed process and remove them (or restore the old output, see ``atomic_dir``).
+output carry the writer's pid in their names (``.NAME.csulora-tmp-PID-XXXX``, a directory that holds
+the file being written and anything its writer puts beside it), so a later run can recognise those
+of a killed process and remove them (or restore the old output, see ``atomic_dir``).
 """
 
 from __future__ import annotations
@@ -202,10 +203,17 @@ def atomic_file(
     owned: Callable[[Path], bool] | None = None,
     inputs: Iterable = (),
 ) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success it becomes ``path`` in one rename."""
+    """Yield a temporary path next to ``path``; on success it becomes ``path`` in one rename.
+
+    The temporary file lies in a directory of its own (``.NAME.csulora-tmp-PID-XXXX/NAME``), so that
+    whatever a writer puts beside it (safetensors writes a ``.tmpXXXXXX`` and renames it) is inside
+    a directory that is provably ours, and a later run removes it all if this one is killed.
+    """
     with reserve_output(path, force=force, owned=owned, inputs=inputs, kind="file") as target:
-        tmp = _sibling(target, TMP_TAG)
+        tmp_dir = _sibling(target, TMP_TAG)
+        tmp = tmp_dir / target.name
         try:
+            os.mkdir(tmp_dir, 0o700)
             os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # mode from the umask
             mode = tmp.stat().st_mode & 0o777
             yield tmp
@@ -216,7 +224,7 @@ def atomic_file(
             else:
                 _link_new(tmp, target, path)
         finally:
-            tmp.unlink(missing_ok=True)
+            shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def _link_new(tmp: Path, target: Path, shown) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from . import __version__
+from ._version import __version__
 from .adapter import CONFIG_NAME, Adapter, load_adapter, write_adapter
 from .correct import (
     Corrected,
@@ -27,6 +27,7 @@ from .correct import (
 )
 from .io_utils import atomic_dir, reserve_output, strict_json
 from .methods import DEFAULT_METHOD, Method, MethodParams, ModuleInputs, Needs, Settings, get_method
+from .model_card import CARD_NAME, corrected_card
 from .sources import AdapterSubspace, Pair, adapter_deltas, open_pair
 from .subspace import Subspace, SubspaceSettings
 from .subspace_stream import warn_unaligned
@@ -119,25 +120,27 @@ def correct_adapter(
     allow_pickle: bool = False,
     progress: bool = False,
     device: str | None = None,
+    verify: bool = False,
 ) -> dict:
     """Correct ``adapter`` and write a PEFT adapter plus ``csulora_report.json`` into ``out``.
 
     Returns the report. The subspace comes from ``subspace`` (a file or object) or is computed from
     ``base`` and ``aligned`` (default: the adapter's ``base_model_name_or_path``). ``params`` holds the
     method's settings (see ``csulora.methods``). The output is checked (writable, not an input,
-    replaceable) before any work is done.
+    replaceable) before any work is done. ``verify``: the subspace (or ``aligned``) must be proven to
+    come from the adapter's model, every target module's whole weight compared (see ``sources``).
     """
     spec = get_method(method)
     method_settings = spec.settings_from(params)
     needs = spec.needs_for(method_settings)
     adapter = adapter if isinstance(adapter, Adapter) else load_adapter(adapter, allow_pickle=allow_pickle)
     required = f"--method {method} needs the full alignment matrix: pass --base (and --aligned)"
-    pair = open_pair(adapter, base, aligned, allow_pickle, required if needs is Needs.DELTA else None)
+    pair = open_pair(adapter, base, aligned, allow_pickle, required if needs is Needs.DELTA else None, verify)
     subspace_path = subspace if isinstance(subspace, str | Path) else getattr(subspace, "path", None)
     inputs = [adapter.path, subspace_path] + ([pair.base.path, pair.aligned.path] if pair else [])
     with reserve_output(out, force=force, owned=is_corrected_adapter, inputs=inputs, kind="dir"):
         source = (
-            AdapterSubspace(adapter, subspace, pair, aligned, settings, progress, device)
+            AdapterSubspace(adapter, subspace, pair, aligned, settings, progress, device, verify)
             if needs is Needs.BASIS
             else None
         )
@@ -146,7 +149,24 @@ def correct_adapter(
         with atomic_dir(out, force=force, owned=is_corrected_adapter, inputs=inputs) as tmp:
             write_adapter(adapter, tmp, {result.module: result.corrected.lora for result in correction.modules})
             (tmp / REPORT_NAME).write_text(strict_json(report) + "\n")
+            card = _card(adapter, report, subspace, subspace_path, pair)
+            (tmp / CARD_NAME).write_text(card, encoding="utf-8")  # replaces the input's copy
     return report
+
+
+def _card(adapter: Adapter, report: dict, subspace, subspace_path, pair: Pair | None) -> str:
+    """The output's model card: how the adapter was corrected, then the input's own card."""
+    original = adapter.path / CARD_NAME
+    return corrected_card(
+        report,
+        base_model=adapter.base_model,
+        task_type=adapter.config.get("task_type"),
+        original=original.read_text(encoding="utf-8", errors="replace") if original.is_file() else None,
+        subspace_file=str(subspace_path) if subspace_path is not None else None,
+        streamed=subspace is None,
+        pair=(pair.base.source, pair.aligned.source) if pair is not None and report["subspace"] is None else None,
+        where=str(adapter.path),
+    )
 
 
 @dataclass(frozen=True)

@@ -33,15 +33,15 @@ def inspect_adapter(
     allow_pickle: bool = False,
     progress: bool = False,
     device: str | None = None,
+    verify: bool = False,
 ) -> list[dict]:
     """The per-module decomposition of ``adapter`` and its signed overlap with V (nothing is written).
 
     One row per module: ``rho_f``, ``rho_h``, ``rho_o`` and the signed figures of ``overlap_row``.
     """
     adapter = adapter if isinstance(adapter, Adapter) else load_adapter(adapter, allow_pickle=allow_pickle)
-    source = AdapterSubspace(
-        adapter, subspace, open_pair(adapter, base, aligned, allow_pickle), aligned, settings, progress, device
-    )
+    pair = open_pair(adapter, base, aligned, allow_pickle, verify=verify)
+    source = AdapterSubspace(adapter, subspace, pair, aligned, settings, progress, device, verify)
     rows = []
     for basis in source.bases():
         lora = adapter.factors(basis.module)

@@ -20,7 +20,7 @@ from .adapter import Adapter
 from .checkpoint import Checkpoint, match_module, tensor_digest
 from .errors import CsuloraError, CsuloraWarning
 from .io_utils import real_path
-from .subspace import ModuleBasis, Subspace, SubspaceSettings, load_subspace
+from .subspace import SAMPLE_KEY, ModuleBasis, Subspace, SubspaceSettings, _FileBases, load_subspace
 from .subspace_stream import check_pair, iter_deltas, stream_bases, stream_metadata, subspace_modules
 
 
@@ -32,10 +32,13 @@ class Pair:
     aligned: Checkpoint
 
 
-def open_pair(adapter: Adapter, base, aligned, allow_pickle: bool, required: str | None = None) -> Pair | None:
+def open_pair(
+    adapter: Adapter, base, aligned, allow_pickle: bool, required: str | None = None, verify: bool = False
+) -> Pair | None:
     """Open (base, aligned) when ``base`` is given (aligned defaults to the adapter's model); else None.
 
-    ``required``: the error to raise when the caller cannot do without the pair.
+    ``required``: the error to raise when the caller cannot do without the pair. ``verify``: an
+    ``aligned`` other than the adapter's model must hold its weights, every target module's in full.
     """
     if base is None:
         if required:
@@ -47,7 +50,7 @@ def open_pair(adapter: Adapter, base, aligned, allow_pickle: bool, required: str
     pair = Pair(Checkpoint(base, allow_pickle=allow_pickle), Checkpoint(aligned_source, allow_pickle=allow_pickle))
     check_pair(pair.base, pair.aligned, adapter.modules)
     if aligned is not None:
-        _warn_if_not_trained_on(adapter, pair.aligned, allow_pickle)
+        _warn_if_not_trained_on(adapter, pair.aligned, allow_pickle, verify)
     return pair
 
 
@@ -90,16 +93,21 @@ class AdapterSubspace:
         settings: SubspaceSettings | None,
         progress: bool = False,
         device: str | None = None,
+        verify: bool = False,
     ):
         self.adapter = adapter
         self.pair = pair
         self.settings = settings or SubspaceSettings()
         self.progress, self.device = progress, device
         self.given: Subspace | None = None
+        # the model type says which modules are Conv1D (stored in x out): see Adapter.stored_transposed
+        self.model_type = pair.aligned.model_type if pair else None
         if subspace is not None:
             self.given = subspace if isinstance(subspace, Subspace) else load_subspace(subspace)
             local = pair.aligned if pair else _local_checkpoint(aligned or adapter.base_model, False)
-            _warn_if_other_model(adapter, self.given, local)
+            _warn_if_other_model(adapter, self.given, local, verify)
+            recorded = self.given.metadata.get("model_type")
+            self.model_type = self.model_type or recorded or (local.model_type if local else None)
         elif pair is None:
             raise CsuloraError("pass --subspace SUB, or --base B (and --aligned A) to compute it")
 
@@ -122,13 +130,13 @@ class AdapterSubspace:
                         f"{subspace_file_name(given)}: adapter module {module} has no entry in the subspace file; "
                         f"recompute it with --adapter {adapter.path}"
                     )
-                yield self._oriented(module, name, given[name], subspace_file_name(given))
+                yield self._oriented(module, name, given[name], f"the subspace in {subspace_file_name(given)}")
             return
         assert self.pair is not None
         names = subspace_modules(self.pair.aligned, modules=None, targets=None, adapter=adapter)
         streamed = stream_bases(self.pair.base, self.pair.aligned, names, self.settings, self.progress, self.device)
         for module, (name, basis) in zip(adapter.modules, streamed, strict=True):
-            yield self._oriented(module, name, basis, "the subspace")
+            yield self._oriented(module, name, basis, f"the subspace computed from {self.pair.aligned.path}")
 
     def metadata(self, digests: list[dict | None]) -> dict:
         """Where the subspace came from: the given one's metadata, or the pair's with the used bases' digests."""
@@ -137,9 +145,11 @@ class AdapterSubspace:
         assert self.pair is not None
         return stream_metadata(self.pair.base, self.pair.aligned, self.settings, digests)
 
-    def _oriented(self, module: str, name: str, basis: ModuleBasis, where: str) -> ModuleBasisFor:
-        U, R = (basis.R, basis.U) if self.adapter.fan_in_fan_out else (basis.U, basis.R)
-        self.adapter.check_fits(module, (U.shape[0], R.shape[0]), f"the subspace {where} is for")
+    def _oriented(self, module: str, name: str, basis: ModuleBasis, what: str) -> ModuleBasisFor:
+        """The basis (stored layout: ``U`` the stored rows, ``R`` the columns) in the update's orientation."""
+        stored = (basis.U.shape[0], basis.R.shape[0])
+        transposed = self.adapter.stored_transposed(module, stored, self.model_type, what)
+        U, R = (basis.R, basis.U) if transposed else (basis.U, basis.R)
         return ModuleBasisFor(
             module, name, U.to(torch.float64), R.to(torch.float64), basis.sha256, basis.sigma.to(torch.float64)
         )
@@ -159,8 +169,12 @@ def adapter_deltas(adapter: Adapter, pair: Pair) -> Iterator[ModuleDelta]:
     """Each adapter module's ``V``, in the adapter's order, read while the caller works on the previous one."""
     names = subspace_modules(pair.aligned, modules=adapter.modules, targets=None, adapter=None)
     for module, delta in zip(adapter.modules, iter_deltas(pair.base, pair.aligned, names), strict=True):
-        V = delta.V.T if adapter.fan_in_fan_out else delta.V
-        adapter.check_fits(module, tuple(V.shape), f"the weight in {pair.aligned.path}")
+        where = f"the weight in {pair.aligned.path}"
+        V = (
+            delta.V.T
+            if adapter.stored_transposed(module, tuple(delta.V.shape), pair.aligned.model_type, where)
+            else delta.V
+        )
         yield ModuleDelta(module, delta.module, V.to(torch.float64), delta.negligible)
 
 
@@ -194,65 +208,136 @@ def _weight_digest(ckpt: Checkpoint, module: str) -> str:
     return tensor_digest(ckpt.read(ckpt.weight_key(module))).hex()
 
 
-def _same_weights(one: Checkpoint, other: Checkpoint, modules: list[str]) -> bool:
-    """Whether two checkpoints hold the same weights, judged on a few of ``modules`` (reading little)."""
-    try:
-        return all(_weight_digest(one, module) == _weight_digest(other, module) for module in _spread(modules))
-    except CsuloraError:
-        return False
+def _sample_digest(ckpt: Checkpoint, module: str) -> str:
+    return ckpt.sample_digest(ckpt.weight_key(module)).hex()
 
 
-def _warn_if_not_trained_on(adapter: Adapter, aligned: Checkpoint, allow_pickle: bool) -> None:
-    """``--aligned`` other than the adapter's ``base_model_name_or_path``: fine if the weights are the same."""
+def _first_difference(one: Checkpoint, other: Checkpoint, modules: list[str], verify: bool) -> str | None:
+    """The first of ``modules`` whose weights differ between two checkpoints (None: none differs).
+
+    With ``verify`` each whole weight is compared (by sha256), else its sampled rows
+    (``checkpoint.sample_rows``): a fine-tune moves every row, so a few per module show it.
+    """
+    digest = _weight_digest if verify else _sample_digest
+    for module in modules:
+        try:
+            if digest(one, module) != digest(other, module):
+                return module
+        except CsuloraError:
+            return module
+    return None
+
+
+def _warn_if_not_trained_on(adapter: Adapter, aligned: Checkpoint, allow_pickle: bool, verify: bool = False) -> None:
+    """``--aligned`` other than the adapter's ``base_model_name_or_path``: fine if the weights are the same.
+
+    Every module the adapter targets is compared: its sampled rows, or with ``verify`` its whole weight.
+    """
     claimed = adapter.base_model
     if not claimed or real_path(claimed) == real_path(aligned.path) or claimed == aligned.source:
         return
     trained_on = _local_checkpoint(claimed, allow_pickle)
-    if trained_on is not None and _same_weights(trained_on, aligned, adapter.modules):
+    if trained_on is None:
+        if verify:
+            raise CsuloraError(
+                f"{adapter.path}: --verify: the adapter was trained on {claimed}, which is not a local checkpoint, "
+                f"so its weights cannot be compared with --aligned {aligned.source}"
+            )
+        warnings.warn(
+            f"{adapter.path}: the adapter was trained on {claimed} but --aligned is {aligned.source} "
+            "(cannot compare their weights here)",
+            CsuloraWarning,
+            stacklevel=3,
+        )
         return
-    warnings.warn(
-        f"{adapter.path}: the adapter was trained on {claimed} but --aligned is {aligned.source}"
-        + ("" if trained_on is not None else " (cannot compare their weights here)")
-        + (" and their weights differ" if trained_on is not None else ""),
-        CsuloraWarning,
-        stacklevel=3,
+    differs = _first_difference(trained_on, aligned, adapter.modules, verify)
+    if differs is None:
+        return
+    message = (
+        f"{adapter.path}: the adapter was trained on {claimed} but --aligned is {aligned.source} "
+        f"and their weights differ (module {differs})"
     )
+    if verify:
+        raise CsuloraError(f"--verify: {message}")
+    warnings.warn(message, CsuloraWarning, stacklevel=3)
 
 
-def _warn_if_other_model(adapter: Adapter, subspace: Subspace, aligned: Checkpoint | None) -> None:
-    """The subspace must come from the weights the adapter was trained on: compare their sha256.
+def _recorded(subspace: Subspace, name: str, key: str) -> str | None:
+    """The aligned digest the subspace file records for module ``name`` (``sha256`` or ``sample_sha256``)."""
+    meta = subspace.bases.meta if isinstance(subspace.bases, _FileBases) else subspace.module_metadata()
+    return ((meta.get(name) or {}).get(key) or {}).get("aligned")
+
+
+def _warn_if_other_model(
+    adapter: Adapter, subspace: Subspace, aligned: Checkpoint | None, verify: bool = False
+) -> None:
+    """The subspace must come from the weights the adapter was trained on: compare their digests.
 
     Shapes match across fine-tunes of one architecture and directory names say nothing about
-    content, so the recorded digest of the aligned weights is compared with the local checkpoint's.
+    content, so the digests the subspace records of the aligned weights are compared with the
+    local checkpoint's, for every module the adapter targets: the sampled rows' digests, or with
+    ``verify`` the whole weights' (a file without sampled digests, from an older csulora: the whole
+    weights of three modules). ``verify`` turns a difference, or a check that cannot be made, into an error.
     """
-    recorded = (subspace.metadata.get("aligned") or {}).get("sha256")
+    where = subspace_file_name(subspace)
     source = (subspace.metadata.get("aligned") or {}).get("source")
     if aligned is None:  # the adapter's model is not here (a Hub id): its name is the only clue left
+        if verify:
+            raise CsuloraError(
+                f"{adapter.path}: --verify: the adapter's model {adapter.base_model} is not a local checkpoint; "
+                "pass --aligned DIR to compare its weights with the subspace's"
+            )
         if source and adapter.base_model and source != adapter.base_model:
             warnings.warn(
-                f"{adapter.path}: the adapter was trained on {adapter.base_model} but {subspace_file_name(subspace)} "
+                f"{adapter.path}: the adapter was trained on {adapter.base_model} but {where} "
                 f"was computed from {source} (their weights cannot be compared here)",
                 CsuloraWarning,
                 stacklevel=3,
             )
         return
-    meta = getattr(subspace.bases, "meta", {})
-    per_module = {name: ((meta.get(name) or {}).get("sha256") or {}).get("aligned") for name in subspace.modules()}
-    try:
-        if all(per_module.values()) and per_module:
-            # another fine-tune differs in every module: a few modules' digests settle it cheaply
-            names = sorted({*_spread(list(per_module))})
-            differs = any(_weight_digest(aligned, name) != per_module[name] for name in names)
-        elif recorded:
-            differs = aligned_digest(aligned, subspace.modules()) != recorded
-        else:
+    names = [name for module in adapter.modules if (name := match_module(module, subspace.modules())) is not None]
+    key = "sha256" if verify else SAMPLE_KEY
+    recorded = {name: _recorded(subspace, name, key) for name in names}
+    if not all(recorded.values()):
+        if verify:
+            missing = next(name for name, digest in recorded.items() if not digest)
+            raise CsuloraError(
+                f"{where}: --verify: no digest of module {missing}'s aligned weights (written by an older csulora); "
+                "recompute the subspace"
+            )
+        full = {name: _recorded(subspace, name, "sha256") for name in _spread(names)}
+        if not all(full.values()):  # older still: one digest chained over the file's modules
+            chained = (subspace.metadata.get("aligned") or {}).get("sha256")
+            if chained:
+                try:
+                    same = aligned_digest(aligned, subspace.modules()) == chained
+                except CsuloraError:
+                    same = False
+                if not same:
+                    warnings.warn(
+                        f"{where}: computed from other aligned weights than {aligned.path} (the adapter's model): "
+                        "the subspace may belong to another model",
+                        CsuloraWarning,
+                        stacklevel=3,
+                    )
             return
-    except CsuloraError:
-        differs = True
-    if differs:
-        warnings.warn(
-            f"{subspace_file_name(subspace)}: computed from other aligned weights than {aligned.path} "
-            f"(the adapter's model): the subspace may belong to another model",
-            CsuloraWarning,
-            stacklevel=3,
-        )
+        recorded, key = full, "sha256"
+    digest = _weight_digest if key == "sha256" else _sample_digest
+    differs = None
+    for name, expected in recorded.items():
+        try:
+            if digest(aligned, name) != expected:
+                differs = name
+        except CsuloraError:
+            differs = name
+        if differs:
+            break
+    if differs is None:
+        return
+    message = (
+        f"{where}: computed from other aligned weights than {aligned.path} (the adapter's model; module {differs} "
+        "differs): the subspace may belong to another model"
+    )
+    if verify:
+        raise CsuloraError(f"--verify: {message}")
+    warnings.warn(message, CsuloraWarning, stacklevel=3)

@@ -214,6 +214,8 @@ class ModuleBasis:
     total_energy: float
     # sha256 (hex) of the module's weight in each checkpoint, {"base": ..., "aligned": ...}, when known
     sha256: dict | None = None
+    # the same for the weights' sampled rows (``checkpoint.sample_digest``): a cheap check of the model
+    samples: dict | None = None
 
     @property
     def k(self) -> int:
@@ -246,8 +248,8 @@ def displacement_energy(V: torch.Tensor, run: int = 256) -> float:
     """``||V||_F^2`` to about 1e-8 relative, at the cost of one float32 pass over V.
 
     The float32 norm of a run of 256 entries is accurate (few terms each), and the runs' squares
-    are summed in float64: 4x cheaper than squaring a float64 copy, and far more accurate than one
-    float32 norm of the whole matrix (5e-5 relative on a 8192 x 2048 displacement). Where float32
+    are summed in float64: cheaper than squaring a float64 copy (no copy is made), and far more
+    accurate than one float32 norm of the whole matrix, whose error grows with its size. Where float32
     squares would overflow or underflow (entries beyond about 1e19 or below 1e-19) the sum is taken
     in float64. Not finite when V is not.
     """
@@ -301,6 +303,7 @@ class Subspace:
                 "total_energy": b.total_energy,
             }
             | ({"sha256": b.sha256} if b.sha256 is not None else {})
+            | ({SAMPLE_KEY: b.samples} if b.samples is not None else {})
             for name, b in self.bases.items()
         }
 
@@ -375,7 +378,8 @@ class _FileBases(Mapping):
                 U, R, sigma = (f.get_tensor(f"{name}.{part}") for part in ("U", "R", "sigma"))
         except (SafetensorError, OSError) as exc:
             raise read_failure(self.path, exc, f"cannot read module {name}") from None
-        basis = ModuleBasis(U, R, sigma, float(self.meta[name]["total_energy"]), self.meta[name].get("sha256"))
+        meta = self.meta[name]
+        basis = ModuleBasis(U, R, sigma, float(meta["total_energy"]), meta.get("sha256"), meta.get(SAMPLE_KEY))
         check_basis(basis, self.meta[name], f"{self.path}: module {name}")
         return basis
 
@@ -404,7 +408,7 @@ def check_basis(basis: ModuleBasis, meta: dict, where: str) -> None:
         # (a Gram matrix off the identity moves a random vector by about its Frobenius distance)
         Q = Q.float()
         norms = (Q * Q).sum(dim=0)
-        # (Q^T Q probe)^T as probe^T Q^T Q: the same numbers, 7x faster than a tall product with 4 columns
+        # (Q^T Q probe)^T as probe^T Q^T Q: the same numbers, and torch is slow at tall products with 4 columns
         moved = (probe.T @ Q.T) @ Q - probe.T
         error = max(float((norms - 1).abs().max()), float(moved.norm() / probe.norm()))
         if error > ORTHONORMAL_TOL:
@@ -433,6 +437,40 @@ def _check_module_metadata(meta, where: str) -> None:
         raise CsuloraError(f"{where}: corrupt metadata {json.dumps(meta)[:200]}")
 
 
+def is_sha256(value) -> bool:
+    """A sha256 as csulora records it: 64 lowercase hex digits."""
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+SAMPLE_KEY = "sample_sha256"  # per module: digests of the weights' sampled rows (``checkpoint.sample_rows``)
+
+
+def _check_digests(meta: dict, where: str) -> None:
+    """A module's recorded weight digests: absent, or ``{"base": sha256, "aligned": sha256}``."""
+    for key in ("sha256", SAMPLE_KEY):
+        digests = meta.get(key)
+        if digests is not None and not (
+            isinstance(digests, dict) and all(is_sha256(digests.get(side)) for side in ("base", "aligned"))
+        ):
+            raise CsuloraError(f"{where}: corrupt metadata ({key} {json.dumps(digests)[:100]})")
+
+
+def _check_sources(document: dict, where: Path) -> None:
+    """The (base, aligned) records: absent, or ``{"source": str, "sha256": sha256 or null}``; model_type a string."""
+    for side in ("base", "aligned"):
+        record = document.get(side)
+        if record is None:
+            continue
+        if not (
+            isinstance(record, dict)
+            and isinstance(record.get("source"), str)
+            and (record.get("sha256") is None or is_sha256(record["sha256"]))
+        ):
+            raise CsuloraError(f"{where}: corrupt csulora metadata ({side}: {json.dumps(record)[:100]})")
+    if not isinstance(document.get("model_type"), str | None):
+        raise CsuloraError(f"{where}: corrupt csulora metadata (model_type {json.dumps(document['model_type'])[:60]})")
+
+
 def load_subspace(path: str | Path) -> Subspace:
     """Open a subspace file written by ``Subspace.save``; module bases are read when first used."""
     path = Path(path)
@@ -448,7 +486,7 @@ def load_subspace(path: str | Path) -> Subspace:
         raise CsuloraError(f"{path}: not a csulora subspace file (no 'csulora' metadata)")
     try:
         document = json.loads(header["csulora"])
-    except ValueError:
+    except (ValueError, RecursionError):
         raise CsuloraError(f"{path}: corrupt csulora metadata") from None
     if not isinstance(document, dict):
         raise CsuloraError(f"{path}: corrupt csulora metadata (not a JSON object)")
@@ -462,5 +500,7 @@ def load_subspace(path: str | Path) -> Subspace:
         if missing:
             raise CsuloraError(f"{path}: module {name} lacks tensors {sorted(missing)}")
         _check_module_metadata(meta, f"{path}: module {name}")
+        _check_digests(meta, f"{path}: module {name}")
+    _check_sources(document, path)
     metadata = {key: value for key, value in document.items() if key != "modules"}
     return Subspace(_FileBases(path, modules), metadata)

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .adapter import Adapter, load_adapter
-from .checkpoint import Checkpoint, tensor_digest
+from .checkpoint import Checkpoint, sample_digest, tensor_digest
 from .device import resolve_device
 from .errors import CsuloraError, CsuloraWarning
 from .memory import release_freed_memory
@@ -40,6 +40,8 @@ class Delta(NamedTuple):
     V: torch.Tensor
     digest_base: bytes
     digest_aligned: bytes
+    sample_base: bytes  # the digests of the sampled rows (``checkpoint.sample_digest``)
+    sample_aligned: bytes
     negligible: bool  # V is zero, or numerically zero relative to the weight
     energy: float  # ||V||_F^2
 
@@ -55,7 +57,7 @@ def _read_delta(base: Checkpoint, aligned: Checkpoint, module: str) -> Delta:
             f"module {module}: {aligned.path} has shape {tuple(W_a.shape)} but {base.path} has "
             f"{tuple(W_b.shape)}; base and aligned must be the same architecture"
         )
-    digests = tensor_digest(W_b), tensor_digest(W_a)
+    digests = tensor_digest(W_b), tensor_digest(W_a), sample_digest(W_b), sample_digest(W_a)
     V = float32_difference(W_a, W_b)
     # V is finite iff both weights are (or their difference overflowed), and its energy is finite iff
     # V is: one pass over V gives both the check and the size of V;
@@ -82,10 +84,10 @@ def float32_difference(minuend: torch.Tensor, subtrahend: torch.Tensor, rows: in
     """``minuend - subtrahend`` in float32 (each weight cast to float32, then subtracted), a new tensor.
 
     bfloat16 weights (most released checkpoints) go through numpy a block of rows at a time: a
-    bfloat16 is the top half of a float32, so a 16-bit shift casts it exactly, 4x faster than torch's
-    cast on CPU, and only a block of the subtrahend is ever float32. The same bits as torch's (where
-    both are NaN the payload may differ; a NaN in V is an error anyway). Overflow and NaN are left
-    to the caller's checks, silently, as torch leaves them.
+    bfloat16 is the top half of a float32, so a 16-bit shift casts it exactly, faster than torch's
+    cast on CPU (docs/performance.md), and only a block of the subtrahend is ever float32. The same
+    bits as torch's (where both are NaN the payload may differ; a NaN in V is an error anyway).
+    Overflow and NaN are left to the caller's checks, silently, as torch leaves them.
     """
     bfloat16 = minuend.dtype == subtrahend.dtype == torch.bfloat16
     if not bfloat16 or minuend.device.type != "cpu" or minuend.dim() == 0:
@@ -169,8 +171,7 @@ def subspace_modules(
 def _check_adapter_fits(adapter: Adapter, aligned: Checkpoint, module: str) -> None:
     """The adapter's update for ``module`` must have the shape of the checkpoint's weight."""
     stored = tuple(aligned.shape(aligned.weight_key(module)))
-    shape = stored[::-1] if adapter.fan_in_fan_out else stored  # a Conv1D stores in x out
-    adapter.check_fits(module, shape, f"the weight in {aligned.path}")
+    adapter.stored_transposed(module, stored, aligned.model_type, f"the weight in {aligned.path}")
 
 
 def stream_bases(
@@ -207,6 +208,7 @@ def stream_bases(
 def _basis_with_digests(delta: Delta, settings: SubspaceSettings, target: torch.device) -> ModuleBasis:
     """One module's basis (on the CPU) with the weights' digests; ``V`` is freed before it returns."""
     V, sha256 = delta.V, {"base": delta.digest_base.hex(), "aligned": delta.digest_aligned.hex()}
+    samples = {"base": delta.sample_base.hex(), "aligned": delta.sample_aligned.hex()}
     m, n = V.shape
     if delta.negligible:  # no direction to protect: do not invent one from rounding noise
         basis = empty_basis(m, n, delta.energy)
@@ -220,6 +222,7 @@ def _basis_with_digests(delta: Delta, settings: SubspaceSettings, target: torch.
         R=basis.R.cpu(),
         sigma=basis.sigma.cpu(),
         sha256=sha256,
+        samples=samples,
     )
 
 
@@ -235,6 +238,7 @@ def stream_metadata(
         "csulora_version": __version__,
         "base": {"source": base.source, "sha256": digests["base"]},
         "aligned": {"source": aligned.source, "sha256": digests["aligned"]},
+        "model_type": aligned.model_type,
         "settings": asdict(settings),
         "layout": "stored",
     }
@@ -256,7 +260,7 @@ def compute_subspace(
     """Stream both checkpoints and compute each module's safety subspace.
 
     Bases are in the checkpoint's stored layout (``out x in`` for ``nn.Linear``; a GPT-2 ``Conv1D``
-    stores ``in x out``, and the adapter's ``fan_in_fan_out`` flips it back when correcting).
+    stores ``in x out``, flipped back when correcting, by PEFT's rule: ``Adapter.stored_transposed``).
     ``shard=(I, N)`` computes only shard I of N (see ``csulora.shards``).
     """
     settings = settings or SubspaceSettings()

@@ -2,9 +2,9 @@
 
 torch runs every operation on all its intra-op threads. For the r x r and k-wide products of a
 correction that costs more than it saves, and on a loaded machine (other processes on the other
-cores) each parallel region waits for descheduled threads: ``correct`` on a real 135M adapter took
-9-18 s with the default threads against 2.6-2.8 s on one. So ``correct`` runs on one thread and
-asks for more only around work big enough to use them (a randomized SVD, a product with ``V``).
+cores) each parallel region waits for descheduled threads (docs/performance.md has the figures).
+So ``correct`` runs on one thread and asks for more only around work big enough to use them (a
+randomized SVD, a product with ``V``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import TypeVar
 
 import torch
 
-# Below this many floating-point operations a product runs on one thread: about 10 ms of one core,
+# Below this many floating-point operations a product runs on one thread: milliseconds of one core,
 # far above a thread team's start-up cost, so a second thread can only help above it.
 PARALLEL_MIN_FLOPS = 1e8
 

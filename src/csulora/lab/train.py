@@ -121,12 +121,16 @@ def fit(
     progress: bool = True,
     prompt_format=format_prompt,
     end_id: int | None = None,
+    precision: str = "float32",
 ):
     """Train the model's trainable parameters on ``examples`` (epochs in a seeded order).
 
     The attention mask comes from each row's length, not from the pad token: a real chat model's pad
-    token can be its end-of-turn token, which also occurs inside the chat template.
+    token can be its end-of-turn token, which also occurs inside the chat template. ``precision``
+    ``bfloat16`` runs the forward pass under autocast; weights, gradients and AdamW stay float32.
     """
+    from ..device import autocast
+
     input_ids, labels = encode(tokenizer, examples, prompt_format, end_id)
     lengths = torch.tensor([int((row != -100).nonzero().max()) + 1 for row in labels])
     device = next(model.parameters()).device
@@ -145,7 +149,8 @@ def fit(
         mask = (torch.arange(width)[None, :] < lengths[index][:, None]).long().to(device)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, schedule)
-        loss = model(input_ids=ids, attention_mask=mask, labels=target).loss
+        with autocast(precision, device):
+            loss = model(input_ids=ids, attention_mask=mask, labels=target).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
