@@ -103,6 +103,7 @@ def alignment_diagnostic(
     allow_pickle: bool = False,
     progress: bool = False,
     device: str | None = None,
+    verify: bool = False,
 ) -> dict:
     """Where an adapter's update lies against the alignment: ``{"modules": rows, "adapter": totals}``.
 
@@ -117,6 +118,7 @@ def alignment_diagnostic(
         allow_pickle=allow_pickle,
         progress=progress,
         device=device,
+        verify=verify,
     )
     return {"modules": rows, "adapter": adapter_figures(rows)}
 

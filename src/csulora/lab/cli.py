@@ -63,6 +63,8 @@ def _cmd_smollm2(args) -> int:
             config = replace(config, variants=tuple(args.variants), sweep_variant=sweep)
         if args.other_n:
             config = replace(config, other_n=tuple(args.other_n))
+        if args.skip_methods:
+            config = replace(config, skip_methods=tuple(args.skip_methods))
         if args.device.startswith("cuda"):  # one batch per evaluation set: a GPU pays per decoding step
             config = replace(config, batch_size=256)
         splits = json.loads(Path(info["prompts"]).read_text())
@@ -136,6 +138,7 @@ def _add_options(p) -> None:
     p.add_argument(
         "--other-n", type=int, nargs="+", help="smollm2: extra attacks at the first seed with N harmful examples"
     )
+    p.add_argument("--skip-methods", nargs="+", help="smollm2: registered methods to leave out of the sweep")
     p.add_argument(
         "--split",
         choices=("eval", "dev"),
