@@ -61,6 +61,7 @@ def test_core_commands_run_without_the_extras(tmp_path):
         env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"},
     )
     assert done.returncode == 0, done.stderr
-    rows = json.loads(done.stdout[done.stdout.index("[") :])  # after subspace's and correct's "wrote" lines
+    # after subspace's and correct's "wrote" lines
+    rows = json.loads(done.stdout[done.stdout.index("{") :])["modules"]
     assert len(rows) == 4 and all(abs(r["rho_f"] + r["rho_h"] + r["rho_o"] - 1) < 1e-6 for r in rows)
     assert (tmp_path / "lora-safe" / "adapter_model.safetensors").is_file()

@@ -245,7 +245,8 @@ def summarise(document: dict, config) -> dict:
     controls = {a["seed"]: a["model"] for a in trained if a["kind"] == "control"}
     summary["asr_by_n"] = {a["n"]: models[a["model"]]["asr"] for a in trained if a["kind"] == "attack"}
     if aligned is None or not attacks:
-        summary["verdict"] = {"withheld": ["no attack was run"], "judges": {}}
+        gates = {"alignment": summary["alignment_gates"].get(config.sweep_variant, {})}
+        summary["verdict"] = {"withheld": [*failed(gates), "no attack was run"], "judges": {}}
         return summary
     gates: dict = {f"seed {s}": attack_gate(aligned, models[m]) for s, m in attacks.items()}
     utilities = [models[m]["utility"] for m in attacks.values()]
@@ -530,7 +531,8 @@ def plot(document: dict, path: Path) -> None:
         ax.set_ylabel(ylabel)
         ax.set_title(f"SmolLM2-135M: corrections of the {kind} adapters (mean, 95% bootstrap)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     with atomic_file(path, force=True) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
