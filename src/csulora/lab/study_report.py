@@ -245,8 +245,8 @@ def summarise(document: dict, config) -> dict:
     controls = {a["seed"]: a["model"] for a in trained if a["kind"] == "control"}
     summary["asr_by_n"] = {a["n"]: models[a["model"]]["asr"] for a in trained if a["kind"] == "attack"}
     if aligned is None or not attacks:
-        gates = {"alignment": summary["alignment_gates"].get(config.sweep_variant, {})}
-        summary["verdict"] = {"withheld": [*failed(gates), "no attack was run"], "judges": {}}
+        alignment = {"alignment": summary["alignment_gates"].get(config.sweep_variant, {})}
+        summary["verdict"] = {"withheld": [*failed(alignment), "no attack was run"], "judges": {}}
         return summary
     gates: dict = {f"seed {s}": attack_gate(aligned, models[m]) for s, m in attacks.items()}
     utilities = [models[m]["utility"] for m in attacks.values()]
