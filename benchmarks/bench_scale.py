@@ -465,8 +465,8 @@ def main() -> None:
         return result
 
     baseline = run(
-        "baseline: python -c 'import csulora.cli; import csulora.api'",
-        [sys.executable, "-c", "import csulora.cli, csulora.api"],
+        "baseline: python -c 'import csulora.cli; import csulora.pipeline'",
+        [sys.executable, "-c", "import csulora.cli, csulora.pipeline"],
         "-",
     )
     read_cmd = [sys.executable, __file__, "--read-worker", "--base", str(base_dir), "--aligned", str(aligned_dir),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from csulora import api, compute_subspace
+from csulora import compute_subspace
 from csulora.adapter import load_adapter
 from csulora.correct import csulora_update
 from csulora.methods import get_method
@@ -53,17 +53,3 @@ def test_a_method_that_reads_no_subspace_records_none(llama_pair, llama_adapter)
     for result in correction.modules:
         original = adapter.factors(result.module)
         assert torch.allclose(result.corrected.lora.B.double(), 0.5 * original.B, rtol=1e-6)
-
-
-def test_the_historical_api_module_still_exports_the_entry_points():
-    from csulora.device import resolve_device
-    from csulora.pipeline import correct_adapter
-    from csulora.report import inspect_adapter
-    from csulora.subspace_stream import compute_subspace as streamed
-
-    assert (api.compute_subspace, api.correct_adapter, api.inspect_adapter, api.resolve_device) == (
-        streamed,
-        correct_adapter,
-        inspect_adapter,
-        resolve_device,
-    )
