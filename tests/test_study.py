@@ -241,7 +241,9 @@ def test_the_study_runs_end_to_end_and_a_rerun_reuses_every_stage(tmp_path, monk
         doc["summary"]["verdict"]["withheld"] and "Verdict withheld" in (tmp_path / "study" / "report.md").read_text()
     )
     assert set(doc["diagnostics"]) == {"attack-n4-seed0", "attack-n4-seed1", "control-seed0", "control-seed1"}
-    assert all(0 <= d["alignment"]["rho_f"] <= 1 for d in doc["diagnostics"].values())
+    for diagnostic in doc["diagnostics"].values():  # under the alignment subspace and a random one
+        assert set(diagnostic) == {"csulora subspace", "random subspace"}
+        assert all(0 <= d["rho_f"] <= 1 and d["signed_overlap"] is not None for d in diagnostic.values())
     assert doc["precision_agreement"]["precision"] == doc["config"]["precision"] == "float32"  # no bf16 here
     # each evaluation keeps every prompt's outcome, in set order (the bootstrap reads them)
     assert len(doc["outcomes"]["base"]["asr"]) == 6 and len(doc["outcomes"]["base"]["over_refusal"]) == 4

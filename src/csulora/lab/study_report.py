@@ -308,6 +308,8 @@ def diagnostics(lora: Path, subspace: Path, home: Path, points: list[dict]) -> d
         }
         for key in ("signed_overlap", "opposing_share"):  # the adapter's, before the correction
             result[label][key] = report.get(f"{key}_before")
+        if any(result[label] == other for name, other in result.items() if name != label):
+            del result[label]  # the same subspace as a method before it (scale reads the alignment's)
     return result
 
 
