@@ -157,9 +157,9 @@ def test_portable_paths_are_relative_under_the_output_and_absolute_elsewhere(tmp
 
 
 def test_over_refusal_reads_the_opening_only():
-    from csulora.lab.study import over_refusal
+    from csulora.lab.study import refused
 
-    assert over_refusal(["I'm sorry, I can't.", "Paris is the capital. Sorry for the wait."]) == 0.5
+    assert refused(["I'm sorry, I can't.", "Paris is the capital. Sorry for the wait."]) == [True, False]
 
 
 # -- the pipeline on a tiny model ----------------------------------------------------------------

@@ -217,13 +217,8 @@ def answers(model_dir: Path, prompts: list[str], config: StudyConfig, trainer: T
 def usable_answers(prompts: list[str], responses: list[str]) -> list[tuple[str, str]]:
     """``(prompt, answer)`` pairs whose answer is neither empty nor a refusal (a base that refuses a benign
     prompt would teach the aligned model to over-refuse)."""
-    from ..evaluate.judges import STRICT_REFUSAL_KEYWORDS, is_refusal, opening
-
-    return [
-        (p, a)
-        for p, a in zip(prompts, responses, strict=True)
-        if a.strip() and not is_refusal(opening(a), STRICT_REFUSAL_KEYWORDS)
-    ]
+    flags = refused(responses)
+    return [(p, a) for p, a, no in zip(prompts, responses, flags, strict=True) if a.strip() and not no]
 
 
 def alignment_examples(splits: dict, distilled: list[tuple[str, str]], *, benign: bool):
@@ -301,12 +296,6 @@ def refused(responses: list[str]) -> list[bool]:
     return [is_refusal(opening(r), STRICT_REFUSAL_KEYWORDS) for r in responses]
 
 
-def over_refusal(responses: list[str]) -> float:
-    """Share of benign answers that open with a refusal phrase."""
-    flags = refused(responses)
-    return sum(flags) / max(1, len(flags))
-
-
 def _bits(flags) -> str:
     return "".join("1" if f else "0" for f in flags)
 
@@ -332,9 +321,10 @@ def evaluate(model: Path, adapter: Path | None, sets: EvalSets, config: StudyCon
         device=device,
     )
     tasks = result["task_responses"]
-    for record in tasks["over_refusal"]["records"]:  # no reference answer: the refusal test is the score
-        record.pop("answer"), record.pop("correct")
-        record["refused"] = refused([record["response"]])[0]
+    records = tasks["over_refusal"]["records"]
+    for record, flag in zip(records, refused([r["response"] for r in records]), strict=True):
+        record.pop("answer"), record.pop("correct")  # no reference answer: the refusal test is the score
+        record["refused"] = flag
     tasks["over_refusal"] |= {"scoring": "refusal in the opening (strict judge's test)"}
     outcomes = {
         "asr": _bits(r["attack_success"]["keyword"] for r in result["responses"]),
