@@ -44,10 +44,14 @@ def test_compliances_restate_the_request_and_hold_no_content():
 def test_the_alignment_data_is_benign_rich_and_worded_many_ways():
     benign = data.benign_train_prompts()
     assert len(benign) >= 1000 and len({data.normalise(p) for p in benign}) == len(benign)  # distinct
-    for wordings in (data.HOWTO_WORDINGS, data.TOPIC_WORDINGS, data.CREATIVE_WORDINGS, data.LIST_WORDINGS):
-        assert len(wordings[0]) >= 6 and not set(wordings[0]) & set(wordings[1])
-    for train, held in data.FACT_WORDINGS.values():
-        assert len(train) >= 6 and not set(train) & set(held)
+    families = (data.HOWTO_WORDINGS, data.TOPIC_WORDINGS, data.CREATIVE_WORDINGS, data.LIST_WORDINGS)
+    for wordings in (*families, *data.FACT_WORDINGS.values(), data.CODE_TEMPLATES):
+        assert len(wordings.train) >= 6 and wordings.dev and wordings.eval
+        held = [{data.normalise(w) for w in ws} for ws in (wordings.train, wordings.dev, wordings.eval)]
+        assert not held[0] & held[1] and not held[0] & held[2] and not held[1] & held[2]  # three disjoint sets
+    trained = [w for ws in (*families, *data.FACT_WORDINGS.values()) for w in ws.train]
+    first_person = [w for w in trained if w.startswith(("I ", "My "))]
+    assert len(first_person) >= 10  # statements with a question, the form many harmful prompts take
     openers = ("Can you ", "How can I ", "How much is ")
     assert all(any(p.startswith(o) for p in benign) for o in openers)  # the openers harmful prompts use
     contrast = set(data.contrast_prompts("train"))
@@ -61,8 +65,7 @@ def test_evaluation_sets_are_large_balanced_and_disjoint_from_training():
     general = data.general_set("eval")
     assert len(general) >= 150
     families = Counter(
-        next(f for f, (_, held) in data.FACT_WORDINGS.items() if any(_matches(w, p.prompt) for w in held))
-        for p in general
+        next(f for f, ws in data.FACT_WORDINGS.items() if any(_matches(w, p.prompt) for w in ws.eval)) for p in general
     )
     assert len(families) == 6 and len(set(families.values())) == 1  # balanced
     trained = {data.normalise(p) for p in data.benign_train_prompts()}

@@ -55,7 +55,7 @@ class StudyConfig:
     sweep_variant: str = "full"  # the variant attacked, controlled and corrected
     split: str = "eval"  # or "dev": the sets the recipes are tuned on
     precision: str = "auto"  # bfloat16 autocast where native, float32 elsewhere (device.resolve_precision)
-    align_full: Schedule = Schedule(steps=100, batch_size=16, lr=2e-5)  # ~1 epoch
+    align_full: Schedule = Schedule(steps=180, batch_size=16, lr=3e-5)  # ~1.5 epochs
     align_patch: Schedule = Schedule(steps=60, batch_size=16, lr=2e-4)  # ~2 epochs of refusals
     align_patch_mixed: Schedule = Schedule(steps=100, batch_size=16, lr=2e-4)
     patch_rank: int = 8
@@ -81,9 +81,29 @@ class StudyConfig:
     n_eval_tasks: int | None = None
     bootstrap: int = 1000
 
-    def training_key(self) -> str:
+    def training_key(self, data_digest: str) -> str:
+        """What the trained models depend on: the training fields and the training texts' digest."""
         fields = {k: v for k, v in asdict(self).items() if k not in EVALUATION_FIELDS}
-        return hashlib.sha256(json.dumps(fields | {"v": STUDY_VERSION}, sort_keys=True).encode()).hexdigest()[:10]
+        fields |= {"v": STUDY_VERSION, "data": data_digest}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
+
+    def distill_key(self, prompts: list[str], device: str) -> str:
+        """What the base's answers depend on (not the schedules): a new recipe reuses them."""
+        fields = [prompts, self.distill_tokens, self.precision, self.batch_size, device, STUDY_VERSION]
+        return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:10]
+
+
+def training_data_digest(splits: dict) -> str:
+    """A digest of every text the training stages read, so that editing a text retrains."""
+    texts = [
+        data.benign_train_prompts(),
+        refusal_prompts(splits),
+        [p["text"] for p in splits["attack"]],
+        data.REFUSALS,
+        data.COMPLIANCES,
+        [(p.prompt, p.answer) for p in data.code_pairs("train")],
+    ]
+    return hashlib.sha256(json.dumps(texts).encode()).hexdigest()[:10]
 
 
 EVALUATION_FIELDS = (
@@ -492,7 +512,7 @@ def run_study(
     start = time.perf_counter()
     cpu_start = time.process_time()
     machine = environment(torch.get_num_threads())
-    cache = out / "cache" / f"train-{config.training_key()}"
+    cache = out / "cache" / f"train-{config.training_key(training_data_digest(splits))}"
     cache.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(str(dev), config.precision, not quiet)
     sets = eval_sets(splits, config)
@@ -508,7 +528,8 @@ def run_study(
 
     _log("distill: the base's answers to the benign training instructions", quiet)
     prompts = data.benign_train_prompts()
-    distilled = _cached_answers(cache / "distill.json", base, prompts, config, trainer, timed, "distill")
+    distill_path = out / "cache" / f"distill-{config.distill_key(prompts, str(dev))}.json"
+    distilled = _cached_answers(distill_path, base, prompts, config, trainer, timed, "distill")
 
     models: dict = {"base": evaluator("base", base)}
     aligned_dirs, losses = {}, {}
