@@ -107,6 +107,26 @@ def test_an_evaluation_prompt_that_is_also_trained_on_is_refused():
         check_disjoint(splits, EvalSets("eval", ["Align 59!"], [], [], []))
 
 
+def test_a_changed_training_text_retrains_but_a_changed_schedule_keeps_the_distilled_answers(monkeypatch):
+    from dataclasses import replace
+
+    from csulora.lab.study import StudyConfig, training_data_digest
+    from csulora.lab.train import Schedule
+
+    splits = {k: [{"text": f"{k} {i}", "area": "a"} for i in range(60)] for k in ("align", "attack", "eval")}
+    config, digest = StudyConfig(), training_data_digest(splits)
+    faster = replace(config, align_full=Schedule(steps=10, batch_size=16, lr=1e-4))
+    assert faster.training_key(digest) != config.training_key(digest)
+    prompts = data.benign_train_prompts()
+    assert faster.distill_key(prompts, "cpu") == config.distill_key(prompts, "cpu")
+    assert config.distill_key(prompts[1:], "cpu") != config.distill_key(prompts, "cpu")
+    monkeypatch.setattr(data, "REFUSALS", (*data.REFUSALS[:-1], "I won't."))
+    assert config.training_key(training_data_digest(splits)) != config.training_key(digest)
+    assert config.training_key(training_data_digest({**splits, "align": splits["align"][:-1]})) != config.training_key(
+        digest
+    )
+
+
 # -- statistics and gates ------------------------------------------------------------------------
 def test_gates_follow_the_issue_thresholds():
     base = {"asr": 0.7, "general": 0.5, "over_refusal": 0.0}
