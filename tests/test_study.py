@@ -263,6 +263,12 @@ def test_the_study_runs_end_to_end_and_a_rerun_reuses_every_stage(tmp_path, monk
     assert (
         doc["summary"]["verdict"]["withheld"] and "Verdict withheld" in (tmp_path / "study" / "report.md").read_text()
     )
+    report = (tmp_path / "study" / "report.md").read_text()
+    schedule = config.align_full
+    assert (
+        f"- `full`: every linear projection, {schedule.steps} x {schedule.batch_size} at lr {schedule.lr:g}" in report
+    )
+    assert f"{doc['training_data']['refusals']} refusals" in report and "- attack and control: rank-" in report
     assert set(doc["diagnostics"]) == {"attack-n4-seed0", "attack-n4-seed1", "control-seed0", "control-seed1"}
     for diagnostic in doc["diagnostics"].values():  # under the alignment subspace and a random one
         assert set(diagnostic) == {"csulora subspace", "random subspace"}

@@ -352,6 +352,33 @@ def _gate_text(gates: dict) -> str:
     )
 
 
+SCHEDULES = {"full": "align_full", "patch": "align_patch", "patch-mixed": "align_patch_mixed"}
+
+
+def recipe_lines(document: dict) -> list[str]:
+    """How each aligned model and the attack were trained (the recipe a reader would rerun)."""
+    config, data = document["config"], document.get("training_data", {})
+    losses = document.get("training_losses", {})
+    lines = [
+        f"Training data: {data.get('refusals', '?')} refusals, {data.get('distilled_kept', '?')} distilled benign "
+        f"answers (of {data.get('benign_prompts', '?')} prompts). Recipes (steps x batch at peak lr, warm-up then "
+        "cosine decay):"
+    ]
+    for variant in config["variants"]:
+        s = config[SCHEDULES[variant]]
+        what = "every linear projection" if variant == "full" else f"a rank-{config['patch_rank']} LoRA, merged"
+        loss = losses.get(f"aligned-{variant}")
+        tail = f"; final loss {loss:.3f}" if loss is not None else ""
+        lines.append(f"- `{variant}`: {what}, {s['steps']} x {s['batch_size']} at lr {s['lr']:g}{tail}.")
+    if "attack" in config["stages"]:
+        s = config["attack"]
+        lines.append(
+            f"- attack and control: rank-{config['lora_rank']} LoRA (alpha {config['lora_alpha']:g}), "
+            f"{s['steps']} x {s['batch_size']} at lr {s['lr']:g}."
+        )
+    return lines
+
+
 def format_report(document: dict) -> str:
     config, models, summary = document["config"], document["models"], document["summary"]
     machine, seconds, sizes = document["machine"], document["seconds"], document["sizes"]
@@ -371,7 +398,7 @@ def format_report(document: dict) -> str:
         "|---|---|---|---|---|---|",
     ]
     lines += [f"| {name} | " + " | ".join(fmt(m.get(k)) for k in METRICS) + " |" for name, m in models.items()]
-    lines += ["", "## Gates", ""]
+    lines += ["", *recipe_lines(document), "", "## Gates", ""]
     for variant, gates in summary["alignment_gates"].items():
         lines.append(f"- alignment `{variant}`: {_gate_text(gates)}.")
     if "attack_gates" in summary:
