@@ -55,7 +55,7 @@ class StudyConfig:
     sweep_variant: str = "full"  # the variant attacked, controlled and corrected
     split: str = "eval"  # or "dev": the sets the recipes are tuned on
     precision: str = "auto"  # bfloat16 autocast where native, float32 elsewhere (device.resolve_precision)
-    align_full: Schedule = Schedule(steps=180, batch_size=16, lr=3e-5)  # ~1.5 epochs
+    align_full: Schedule = Schedule(steps=150, batch_size=16, lr=3e-5)  # ~1.25 epochs
     align_patch: Schedule = Schedule(steps=60, batch_size=16, lr=2e-4)  # ~2 epochs of refusals
     align_patch_mixed: Schedule = Schedule(steps=100, batch_size=16, lr=2e-4)
     patch_rank: int = 8
