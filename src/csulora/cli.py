@@ -14,7 +14,6 @@ from pathlib import Path
 from ._version import __version__
 from .errors import CsuloraError, CsuloraWarning
 from .evaluate import cli as evaluate_cli
-from .lab import cli as lab_cli
 from .memory import map_large_allocations
 
 
@@ -284,8 +283,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
 
     evaluate_cli.register(sub)
-    lab_cli.register(sub)
+    _add_plugin_commands(sub)
     return parser
+
+
+# Other packages add commands through entry points of this group, each a ``register(subparsers)``
+# (the lab's ``csulora lab``); the product imports none of them by name.
+COMMANDS_GROUP = "csulora.commands"
+
+
+def _add_plugin_commands(sub) -> None:
+    """A command that reads checkpoints module by module sets ``streams_checkpoints=True`` in its defaults."""
+    from importlib.metadata import entry_points
+
+    for entry in sorted(entry_points(group=COMMANDS_GROUP), key=lambda entry: entry.name):
+        entry.load()(sub)
 
 
 _default_showwarning = warnings.showwarning
@@ -317,9 +329,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _streams_checkpoints(args) -> bool:
-    """Whether the command may read checkpoints module by module: ``subspace``, the lab, and any command
-    given a base checkpoint (a subspace computed on the fly, or Safe LoRA's V even beside --subspace)."""
-    return args.func in (cmd_subspace, lab_cli.cmd_lab) or getattr(args, "base", None) is not None
+    """Whether the command may read checkpoints module by module: ``subspace``, a plugin command that says
+    so (the lab), and any command given a base checkpoint (a subspace computed on the fly, or Safe LoRA's
+    V even beside --subspace)."""
+    return (
+        args.func is cmd_subspace
+        or getattr(args, "streams_checkpoints", False)
+        or getattr(args, "base", None) is not None
+    )
 
 
 def _run(args) -> int:

@@ -1,4 +1,5 @@
-"""Training for the lab: a byte-level BPE tokenizer, a small Llama, full fine-tunes and a PEFT LoRA.
+"""Training for both worlds of the lab: the prompt format and its examples, a byte-level BPE tokenizer,
+a small Llama, full fine-tunes and a PEFT LoRA.
 
 Plain torch loops (AdamW, fixed data order, seeded init): on a CPU the same seed gives the same
 weights, so the cached artifacts and the reported numbers are reproducible.
@@ -13,7 +14,31 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .world import CHAT_TEMPLATE, EOS, Example, format_prompt
+# -- the prompt format ---------------------------------------------------------------------------
+PROMPT_FORMAT = "### Instruction:\n{prompt}\n### Response:\n"
+EOS = "</s>"
+# The same format as a chat template, so `csulora eval` formats prompts exactly as the lab trained them.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}### Instruction:\n{{ message['content'] }}\n"
+    "{% elif message['role'] == 'assistant' %}### Response:\n{{ message['content'] }}{{ eos_token }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}### Response:\n{% endif %}"
+)
+
+
+def format_prompt(prompt: str) -> str:
+    return PROMPT_FORMAT.format(prompt=prompt)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One instruction and its target response; ``family`` says what it measures."""
+
+    prompt: str
+    response: str
+    family: str
+
 
 SPECIAL_TOKENS = ["<pad>", "<s>", EOS]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -129,7 +154,7 @@ def fit(
     token can be its end-of-turn token, which also occurs inside the chat template. ``precision``
     ``bfloat16`` runs the forward pass under autocast; weights, gradients and AdamW stay float32.
     """
-    from ..device import autocast
+    from csulora.device import autocast
 
     input_ids, labels = encode(tokenizer, examples, prompt_format, end_id)
     lengths = torch.tensor([int((row != -100).nonzero().max()) + 1 for row in labels])

@@ -2,8 +2,9 @@
 
 A method is one decorated function, ``(lora, inputs, settings) -> Corrected``, in a file of its own
 (see ``csulora.methods.csulora`` for the pattern). Its settings are a frozen dataclass whose fields
-carry a default, bounds and help text (``setting``): the CLI flags, the report's ``params`` and the
-lab's sweep are all generated from these declarations by the registry in ``csulora.methods``.
+carry a default, bounds and help text (``setting``): the CLI flags and the report's ``params`` are
+generated from these declarations by the registry in ``csulora.methods``. A method may name one of its
+settings as its ``knob``: the one that says how strongly it corrects.
 """
 
 from __future__ import annotations
@@ -199,19 +200,6 @@ def fit_rank(original: LoraFactors, result: Corrected, rank_mode: str) -> Correc
 
 
 # -- the method ----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Sweep:
-    """How the lab varies a method: ``knob`` over a grid of values (None: one run at the defaults).
-
-    The values are the lab's grid named ``grid`` (default: the knob's name), e.g. its per-size lambda
-    grid, or ``values`` where the lab has no such grid. A method with a ``seed`` setting gets the lab's.
-    """
-
-    knob: str | None = None
-    grid: str | None = None
-    values: tuple[float, ...] = ()
-
-
 Finalize = Callable[[Callable[[str], LoraFactors], dict[str, Corrected], Any], dict[str, Corrected]]
 
 
@@ -228,9 +216,8 @@ class Method:
     # (original factors by module, per-module results, settings) -> final results, for decisions across modules;
     # the report's after-figures of the signed overlap survive it only where it scales an update by c >= 0
     finalize: Finalize | None = None
-    sweep: Sweep = field(default_factory=Sweep)
-    # in the lab's verdict: "subject" (the method the question is about), "control", or "method"
-    role: str = "method"
+    # the setting that says how strongly the method corrects (lam for csulora), if it has one
+    knob: str | None = None
 
     def setting_specs(self) -> tuple[SettingSpec, ...]:
         return setting_specs(self.settings)
@@ -255,18 +242,17 @@ def define_method(
     summary: str,
     needs: Needs | Callable[[Any], Needs] = Needs.BASIS,
     finalize: Finalize | None = None,
-    sweep: Sweep | None = None,
-    role: str = "method",
+    knob: str | None = None,
 ) -> Callable[[Callable[[LoraFactors, ModuleInputs, Any], Corrected]], Method]:
-    """Decorate a ``(lora, inputs, settings) -> Corrected`` function to make it a ``Method``."""
-    if role not in ("subject", "control", "method"):
-        raise TypeError(f"method {name}: role must be 'subject', 'control' or 'method', got {role!r}")
+    """Decorate a ``(lora, inputs, settings) -> Corrected`` function to make it a ``Method``.
+
+    ``knob``: the setting that says how strongly the method corrects (e.g. ``lam``), if it has one.
+    """
 
     def wrap(correct: Callable[[LoraFactors, ModuleInputs, Any], Corrected]) -> Method:
-        method = Method(name, correct, settings, summary, needs, finalize, sweep or Sweep(), role)
-        knob = method.sweep.knob
+        method = Method(name, correct, settings, summary, needs, finalize, knob)
         if knob is not None and knob not in {spec.name for spec in method.setting_specs()}:
-            raise TypeError(f"method {name}: the sweep's knob {knob!r} is not one of its settings")
+            raise TypeError(f"method {name}: its knob {knob!r} is not one of its settings")
         return method
 
     return wrap

@@ -15,7 +15,8 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import CsuloraError
+from csulora.errors import CsuloraError
+
 from .fetch import DONOTANSWER_DIR, read_member, wheel_members
 
 # Two prompts whose word sets overlap this much (Jaccard) are the same request reworded.

