@@ -144,13 +144,13 @@ def test_read_only_directory_is_one_line(tmp_path, llama_adapter, subspace_file,
 
 # -- atomic replacement and recovery -------------------------------------------------------------
 def test_force_swaps_old_and_new_in_one_step(tmp_path, llama_adapter, subspace_file, monkeypatch):
-    import csulora.io_utils as io_utils
+    import csulora.safe_output as safe_output
 
     out = tmp_path / "fixed"
     assert run("correct", llama_adapter, "-o", out, "--subspace", subspace_file, "-q") == 0
     swaps = []
-    real_exchange = io_utils._exchange
-    monkeypatch.setattr(io_utils, "_exchange", lambda a, b: swaps.append(b) or real_exchange(a, b))
+    real_exchange = safe_output._exchange
+    monkeypatch.setattr(safe_output, "_exchange", lambda a, b: swaps.append(b) or real_exchange(a, b))
 
     def no_rename(*args):
         raise AssertionError("a rename leaves a moment with no output at the path")
@@ -179,9 +179,9 @@ def test_an_output_displaced_by_a_killed_run_is_restored(tmp_path, llama_adapter
 
 
 def test_fallback_replacement_without_exchange(tmp_path, llama_adapter, subspace_file, monkeypatch):
-    import csulora.io_utils as io_utils
+    import csulora.safe_output as safe_output
 
-    monkeypatch.setattr(io_utils, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(safe_output, "_exchange", lambda a, b: False)
     out = tmp_path / "fixed"
     assert run("correct", llama_adapter, "-o", out, "--subspace", subspace_file, "-q") == 0
     assert run("correct", llama_adapter, "-o", out, "--subspace", subspace_file, "--lam", "3", "--force", "-q") == 0

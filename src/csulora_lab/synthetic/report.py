@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from csulora.io_utils import atomic_file
 from csulora.methods import METHODS
+from csulora.safe_output import atomic_file
 
 from ..gates import ALIGNED_MAX_ASR, BASE_MIN_ASR, GENERAL_TOLERANCE
 from ..sweep import knob_label, method_order, methods_with_role, subject

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from csulora import __version__
 from csulora.errors import CsuloraError
-from csulora.io_utils import atomic_dir, atomic_file
+from csulora.safe_output import atomic_dir, atomic_file
 
 from ..machine import environment, peak_rss_mb
 from ..sweep import CorrectionInputs, correct_all, lab_sweep
@@ -201,7 +201,7 @@ def sweep(config: LabConfig) -> list[tuple[str, dict]]:
 
 def attack_diagnostic(art: CorrectionInputs) -> dict:
     """Where the attack's update lies against the subspace the corrections use (``csulora inspect --json``)."""
-    from csulora.report import alignment_diagnostic
+    from csulora.inspection import alignment_diagnostic
 
     return alignment_diagnostic(art.lora, subspace=art.subspace)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .adapter import Adapter, load_adapter
 from .correct import SignedOverlap, combined_overlap, decompose, signed_overlap
-from .io_utils import atomic_file
+from .safe_output import atomic_file
 from .sources import AdapterSubspace, open_pair
 from .subspace import Subspace, SubspaceSettings
 from .subspace_stream import warn_unaligned
