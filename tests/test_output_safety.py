@@ -189,6 +189,31 @@ def test_fallback_replacement_without_exchange(tmp_path, llama_adapter, subspace
     assert dotfiles(tmp_path) == []
 
 
+@pytest.mark.parametrize("command", ["correct", "subspace"])
+def test_the_output_is_checked_once_then_written_under_that_reservation(
+    command, tmp_path, llama_pair, llama_adapter, subspace_file, monkeypatch
+):
+    """One check before the work (inputs, stale temporaries, replaceable), one guard before the rename."""
+    import csulora.safe_output as safe_output
+
+    calls: dict[str, int] = {}
+    for name in ("check_not_input", "_clean_stale", "_check_replaceable"):
+        real = getattr(safe_output, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(safe_output, name, counted)
+    base, aligned = llama_pair
+    if command == "correct":
+        argv = ["correct", llama_adapter, "-o", tmp_path / "out", "--subspace", subspace_file, "-q"]
+    else:
+        argv = ["subspace", "--base", base, "--aligned", aligned, "--adapter", llama_adapter, "-o", tmp_path / "s"]
+    assert main([str(a) for a in argv + ["-q"]]) == 0
+    assert calls == {"check_not_input": 1, "_clean_stale": 1, "_check_replaceable": 2}
+
+
 def test_stale_temporaries_of_a_killed_run_are_removed(tmp_path, llama_adapter, subspace_file):
     pid = dead_pid()
     (tmp_path / f".fixed.csulora-tmp-{pid}-deadbeef").mkdir()

@@ -138,7 +138,7 @@ def cmd_subspace(args) -> int:
         shard = parse_shard(args.shard) if args.shard is not None else None  # --shard '' is an error, not no shard
         inputs = [args.base, args.aligned, args.adapter]
     # the output is checked and locked before any SVD runs, and stays ours until it is written
-    with reserve_output(args.output, force=args.force, owned=is_subspace_file, inputs=inputs):
+    with reserve_output(args.output, force=args.force, owned=is_subspace_file, inputs=inputs) as reserved:
         if args.merge:
             from .shards import merge_shards
 
@@ -157,7 +157,7 @@ def cmd_subspace(args) -> int:
                 device=args.device,
                 shard=shard,
             )
-        subspace.save(args.output, force=args.force)
+        subspace.save(reserved)  # written under the reservation: checked once
     ks = [meta["k"] for meta in subspace.module_metadata().values()]
     span = f", k from {min(ks)} to {max(ks)}" if ks else ""
     print(f"wrote {args.output}: {len(ks)} modules{span}")

@@ -138,7 +138,8 @@ def correct_adapter(
     pair = open_pair(adapter, base, aligned, allow_pickle, required if needs is Needs.DELTA else None, verify)
     subspace_path = subspace if isinstance(subspace, str | Path) else getattr(subspace, "path", None)
     inputs = [adapter.path, subspace_path] + ([pair.base.path, pair.aligned.path] if pair else [])
-    with reserve_output(out, force=force, owned=is_corrected_adapter, inputs=inputs, kind="dir"):
+    # checked and locked once, before any work; written into place under the same reservation
+    with reserve_output(out, force=force, owned=is_corrected_adapter, inputs=inputs, kind="dir") as reserved:
         source = (
             AdapterSubspace(adapter, subspace, pair, aligned, settings, progress, device, verify)
             if needs is Needs.BASIS
@@ -146,7 +147,7 @@ def correct_adapter(
         )
         correction = run_correction(adapter, spec, method_settings, source=source, pair=pair, progress=progress)
         report = correction.report(adapter)
-        with atomic_dir(out, force=force, owned=is_corrected_adapter, inputs=inputs) as tmp:
+        with atomic_dir(reserved) as tmp:
             write_adapter(adapter, tmp, {result.module: result.corrected.lora for result in correction.modules})
             (tmp / REPORT_NAME).write_text(strict_json(report) + "\n")
             card = _card(adapter, report, subspace, subspace_path, pair)

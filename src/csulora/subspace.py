@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 from .checkpoint import read_failure
 from .correct import all_finite
 from .errors import CsuloraError
-from .safe_output import atomic_file
+from .safe_output import ReservedOutput, atomic_file
 
 FORMAT_VERSION = 1
 
@@ -307,8 +307,11 @@ class Subspace:
             for name, b in self.bases.items()
         }
 
-    def save(self, path: str | Path, *, force: bool = False) -> Path:
-        """Write the subspace file atomically; refuses to overwrite unless ``force``."""
+    def save(self, path: str | Path | ReservedOutput, *, force: bool = False) -> Path:
+        """Write the subspace file atomically; refuses to overwrite unless ``force``.
+
+        ``path`` may be an output already reserved (``safe_output.reserve_output``): it is not checked again.
+        """
         from safetensors.torch import save_file
 
         tensors = {}
@@ -320,12 +323,13 @@ class Subspace:
             "format_version": FORMAT_VERSION,
             "modules": self.module_metadata(),
         }
+        shown = path.shown if isinstance(path, ReservedOutput) else path
         for key, tensor in tensors.items():
             if not all_finite(tensor):
-                raise CsuloraError(f"{path}: subspace tensor {key} is not finite; nothing written")
+                raise CsuloraError(f"{shown}: subspace tensor {key} is not finite; nothing written")
         with atomic_file(path, force=force, owned=is_subspace_file) as tmp:
             save_file(tensors, str(tmp), metadata={"csulora": json.dumps(document, allow_nan=False)})
-        return Path(path)
+        return Path(shown)
 
 
 def chained_digests(digests: Sequence[dict | None]) -> dict[str, str | None]:
