@@ -322,8 +322,8 @@ def accuracy(base_dir: Path, aligned_dir: Path, exact_file: Path, modules: list[
     from safetensors import safe_open
 
     from csulora.checkpoint import Checkpoint
-    from csulora.subspace import SubspaceSettings, choose_rank, module_basis
     from csulora.subspace_stream import _read_delta
+    from csulora.svd import SubspaceSettings, choose_rank, module_basis
 
     base, aligned = Checkpoint(base_dir), Checkpoint(aligned_dir)
     rows = []
@@ -363,8 +363,8 @@ def overlap(base_dir: Path, aligned_dir: Path, modules: list[str]) -> dict:
     """Read only, compute only (one module at a time, torch's threads), and stream_bases (two modules at a
     time, one thread each on 2 cores): the last gains from the overlap and from the split together."""
     from csulora.checkpoint import Checkpoint
-    from csulora.subspace import SubspaceSettings, module_basis
     from csulora.subspace_stream import _read_delta, stream_bases
+    from csulora.svd import SubspaceSettings, module_basis
 
     base, aligned = Checkpoint(base_dir), Checkpoint(aligned_dir)
     settings = SubspaceSettings()

@@ -10,8 +10,8 @@ from safetensors.torch import save_file
 
 from csulora.checkpoint import Checkpoint
 from csulora.errors import CsuloraError
-from csulora.subspace import SubspaceSettings, displacement_energy, module_basis
 from csulora.subspace_stream import _read_delta, float32_difference, iter_deltas
+from csulora.svd import SubspaceSettings, displacement_energy, module_basis
 
 
 def _checkpoint(path, tensors):
@@ -61,12 +61,12 @@ def test_displacement_energy_falls_back_to_float64_beyond_float32_squares():
 
 
 def test_a_zero_displacement_needs_no_float64_pass(monkeypatch):
-    import csulora.subspace as subspace
+    import csulora.svd as svd
 
     def refuse(V):
         raise AssertionError("float64 pass on a zero V")
 
-    monkeypatch.setattr(subspace, "_float64_energy", refuse)
+    monkeypatch.setattr(svd, "_float64_energy", refuse)
     assert displacement_energy(torch.zeros(600, 3)) == 0.0
 
 

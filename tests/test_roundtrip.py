@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from csulora import MethodParams, compute_subspace, correct_adapter, load_subspace
 from csulora.methods import random_basis
-from csulora.subspace import SubspaceSettings
+from csulora.svd import SubspaceSettings
 
 
 def read_state(directory):

@@ -9,8 +9,8 @@ import pytest
 import torch
 from dense_reference import orthonormal
 
-from csulora import CsuloraError, compute_subspace, load_subspace, subspace
-from csulora.subspace import SubspaceSettings, adaptive_svd, choose_rank, module_basis, randomized_svd
+from csulora import CsuloraError, compute_subspace, load_subspace, svd
+from csulora.svd import SubspaceSettings, adaptive_svd, choose_rank, module_basis, randomized_svd
 
 
 def low_rank_plus_noise(m, n, rank, seed, noise=1e-3):
@@ -131,7 +131,7 @@ def test_adaptive_sketch_stops_early_on_decaying_spectra(spectrum, monkeypatch):
             products.append(b.shape[1])
         return real_matmul(a, b)
 
-    monkeypatch.setattr(subspace, "randomized_svd", None)  # the full-width fallback must not run
+    monkeypatch.setattr(svd, "randomized_svd", None)  # the full-width fallback must not run
     monkeypatch.setattr(torch.Tensor, "__matmul__", counting)
     U, s, R = adaptive_svd(V, total, 0.8, max_rank=128)
     # the full-width sketch multiplies V by (2 q + 2) blocks of 128 + 10 columns

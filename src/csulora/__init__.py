@@ -32,9 +32,9 @@ _EXPORTS = {
     "MethodParams": "methods",
     "correct_adapter": "pipeline",
     "Subspace": "subspace",
-    "SubspaceSettings": "subspace",
+    "SubspaceSettings": "svd",
     "load_subspace": "subspace",
-    "randomized_svd": "subspace",
+    "randomized_svd": "svd",
     "compute_subspace": "subspace_stream",
 }
 
@@ -96,5 +96,6 @@ if TYPE_CHECKING:  # what type checkers and editors see
     from .errors import CsuloraError
     from .methods import METHODS, MethodParams
     from .pipeline import correct_adapter
-    from .subspace import Subspace, SubspaceSettings, load_subspace, randomized_svd
+    from .subspace import Subspace, load_subspace
     from .subspace_stream import compute_subspace
+    from .svd import SubspaceSettings, randomized_svd

@@ -66,7 +66,7 @@ def _add_subspace_options(parser: argparse.ArgumentParser) -> dict[str, argparse
 
 
 def _settings(args):
-    from .subspace import SubspaceSettings
+    from .svd import SubspaceSettings
 
     return SubspaceSettings(
         rank=args.rank,

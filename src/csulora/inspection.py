@@ -8,8 +8,9 @@ from .adapter import Adapter, load_adapter
 from .correct import SignedOverlap, combined_overlap, decompose, signed_overlap
 from .safe_output import atomic_file
 from .sources import AdapterSubspace, open_pair
-from .subspace import Subspace, SubspaceSettings
+from .subspace import Subspace
 from .subspace_stream import warn_unaligned
+from .svd import SubspaceSettings
 from .threads import torch_threads
 
 __all__ = [

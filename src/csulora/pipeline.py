@@ -29,8 +29,9 @@ from .methods import DEFAULT_METHOD, Method, MethodParams, ModuleInputs, Needs, 
 from .model_card import CARD_NAME, corrected_card
 from .safe_output import atomic_dir, reserve_output, strict_json
 from .sources import AdapterSubspace, Pair, adapter_deltas, open_pair
-from .subspace import Subspace, SubspaceSettings
+from .subspace import Subspace
 from .subspace_stream import warn_unaligned
+from .svd import SubspaceSettings
 from .threads import correction_flops, threads_for, torch_threads
 
 REPORT_NAME = "csulora_report.json"

@@ -20,8 +20,9 @@ from .adapter import Adapter
 from .checkpoint import Checkpoint, match_module, tensor_digest
 from .errors import CsuloraError, CsuloraWarning
 from .safe_output import real_path
-from .subspace import SAMPLE_KEY, ModuleBasis, Subspace, SubspaceSettings, _FileBases, load_subspace
+from .subspace import SAMPLE_KEY, Subspace, _FileBases, load_subspace
 from .subspace_stream import check_pair, iter_deltas, stream_bases, stream_metadata, subspace_modules
+from .svd import ModuleBasis, SubspaceSettings
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,8 @@ from .checkpoint import Checkpoint, sample_digest, tensor_digest
 from .device import resolve_device
 from .errors import CsuloraError, CsuloraWarning
 from .memory import release_freed_memory
-from .subspace import ModuleBasis, Subspace, SubspaceSettings, chained_digests, displacement_energy, module_basis
+from .subspace import Subspace, chained_digests
+from .svd import ModuleBasis, SubspaceSettings, displacement_energy, module_basis
 from .threads import available_threads, ordered_map
 
 MODULE_WORKERS = 2  # modules read and decomposed at once (memory holds this many)

@@ -477,8 +477,8 @@ def run_study(
 
     from csulora.device import resolve_device, resolve_precision
     from csulora.methods import METHODS
-    from csulora.subspace import SubspaceSettings
     from csulora.subspace_stream import compute_subspace
+    from csulora.svd import SubspaceSettings
 
     from ..machine import environment, peak_rss_mb
     from ..sweep import correct_all

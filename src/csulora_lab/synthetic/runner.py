@@ -140,8 +140,8 @@ def build_artifacts(config: LabConfig, world: World, cache: Path, *, quiet: bool
     """Train (or reuse) tokenizer, base, aligned, LoRA and subspace; each is written atomically."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from csulora.subspace import SubspaceSettings
     from csulora.subspace_stream import compute_subspace
+    from csulora.svd import SubspaceSettings
 
     from ..train import add_lora, fit, new_model, train_tokenizer
 
