@@ -711,7 +711,7 @@ g.generate = slow_generate
 def test_negligible_displacement_is_relative_to_the_weight(tmp_path):
     """Rounding noise (1e-8 of the weight) counts as V = 0; a small real displacement does not."""
     from csulora.checkpoint import Checkpoint
-    from csulora.subspace_stream import _read_delta
+    from csulora.pair import read_delta
 
     generator = torch.Generator().manual_seed(0)
     W = torch.randn(64, 32, generator=generator, dtype=torch.float64) * 0.02
@@ -723,7 +723,7 @@ def test_negligible_displacement_is_relative_to_the_weight(tmp_path):
         directory = tmp_path / name
         directory.mkdir()
         save_file({"m.weight": aligned_weight.double()}, str(directory / "model.safetensors"))
-        assert _read_delta(base, Checkpoint(directory), "m").negligible is expected[name], name
+        assert read_delta(base, Checkpoint(directory), "m").negligible is expected[name], name
 
 
 def test_plot_force_replaces_only_a_png(tmp_path, llama_adapter, subspace_file, capsys):

@@ -9,8 +9,9 @@ from csulora import compute_subspace
 from csulora.adapter import load_adapter
 from csulora.correct import csulora_update
 from csulora.methods import get_method
+from csulora.pair import open_pair
 from csulora.pipeline import Correction, ModuleResult, run_correction
-from csulora.sources import AdapterSubspace, open_pair
+from csulora.sources import AdapterSubspace
 
 
 def test_run_correction_returns_one_typed_result_per_module_and_writes_nothing(tmp_path, llama_pair, llama_adapter):

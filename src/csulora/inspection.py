@@ -6,8 +6,9 @@ from pathlib import Path
 
 from .adapter import Adapter, load_adapter
 from .correct import SignedOverlap, combined_overlap, decompose, signed_overlap
+from .pair import open_pair
 from .safe_output import atomic_file
-from .sources import AdapterSubspace, open_pair
+from .sources import AdapterSubspace
 from .subspace import Subspace
 from .subspace_stream import warn_unaligned
 from .svd import SubspaceSettings

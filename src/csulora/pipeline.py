@@ -27,8 +27,9 @@ from .correct import (
 )
 from .methods import DEFAULT_METHOD, Method, MethodParams, ModuleInputs, Needs, Settings, get_method
 from .model_card import CARD_NAME, corrected_card
+from .pair import Pair, open_pair
 from .safe_output import atomic_dir, reserve_output, strict_json
-from .sources import AdapterSubspace, Pair, adapter_deltas, open_pair
+from .sources import AdapterSubspace, adapter_deltas
 from .subspace import Subspace
 from .subspace_stream import warn_unaligned
 from .svd import SubspaceSettings

@@ -1,6 +1,6 @@
 """What an adapter is corrected or inspected with: its subspace, or its (base, aligned) pair.
 
-Opening the pair, matching the subspace to the adapter's model (by the weights' recorded digests),
+Matching the subspace to the adapter's model (by the weights' recorded digests),
 and handing out each module's basis, or each module's ``V``, in the update's orientation,
 shape-checked, in the adapter's module order. The correction pipeline and ``inspect`` both read
 their inputs through here.
@@ -19,40 +19,10 @@ import torch
 from .adapter import Adapter
 from .checkpoint import Checkpoint, match_module, tensor_digest
 from .errors import CsuloraError, CsuloraWarning
-from .safe_output import real_path
+from .pair import Pair, iter_deltas, local_checkpoint, sampled_rows_digest, subspace_modules, weight_digest
 from .subspace import SAMPLE_KEY, Subspace, _FileBases, load_subspace
-from .subspace_stream import check_pair, iter_deltas, stream_bases, stream_metadata, subspace_modules
+from .subspace_stream import stream_bases, stream_metadata
 from .svd import ModuleBasis, SubspaceSettings
-
-
-@dataclass(frozen=True)
-class Pair:
-    """The (base, aligned) checkpoints an adapter's alignment displacement comes from."""
-
-    base: Checkpoint
-    aligned: Checkpoint
-
-
-def open_pair(
-    adapter: Adapter, base, aligned, allow_pickle: bool, required: str | None = None, verify: bool = False
-) -> Pair | None:
-    """Open (base, aligned) when ``base`` is given (aligned defaults to the adapter's model); else None.
-
-    ``required``: the error to raise when the caller cannot do without the pair. ``verify``: an
-    ``aligned`` other than the adapter's model must hold its weights, every target module's in full.
-    """
-    if base is None:
-        if required:
-            raise CsuloraError(required)
-        return None
-    aligned_source = aligned or adapter.base_model
-    if aligned_source is None:
-        raise CsuloraError(f"{adapter.path}: no base_model_name_or_path in the config; pass --aligned")
-    pair = Pair(Checkpoint(base, allow_pickle=allow_pickle), Checkpoint(aligned_source, allow_pickle=allow_pickle))
-    check_pair(pair.base, pair.aligned, adapter.modules)
-    if aligned is not None:
-        _warn_if_not_trained_on(adapter, pair.aligned, allow_pickle, verify)
-    return pair
 
 
 def subspace_file_name(subspace: Subspace) -> str:
@@ -105,7 +75,7 @@ class AdapterSubspace:
         self.model_type = pair.aligned.model_type if pair else None
         if subspace is not None:
             self.given = subspace if isinstance(subspace, Subspace) else load_subspace(subspace)
-            local = pair.aligned if pair else _local_checkpoint(aligned or adapter.base_model, False)
+            local = pair.aligned if pair else local_checkpoint(aligned or adapter.base_model, False)
             _warn_if_other_model(adapter, self.given, local, verify)
             recorded = self.given.metadata.get("model_type")
             self.model_type = self.model_type or recorded or (local.model_type if local else None)
@@ -188,79 +158,11 @@ def aligned_digest(aligned: Checkpoint, modules: list[str]) -> str:
     return digest.hexdigest()
 
 
-def _local_checkpoint(source, allow_pickle: bool) -> Checkpoint | None:
-    """A checkpoint at a local path, or None (a Hub id, or nothing readable there)."""
-    if not source or not Path(source).expanduser().is_dir():
-        return None
-    try:
-        return Checkpoint(source, allow_pickle=allow_pickle)
-    except CsuloraError:
-        return None
-
-
 def _spread(items: list, count: int = 3) -> list:
     """Up to ``count`` items: the first, the last and ones between."""
     if len(items) <= count:
         return items
     return [items[round(i * (len(items) - 1) / (count - 1))] for i in range(count)]
-
-
-def _weight_digest(ckpt: Checkpoint, module: str) -> str:
-    return tensor_digest(ckpt.read(ckpt.weight_key(module))).hex()
-
-
-def _sample_digest(ckpt: Checkpoint, module: str) -> str:
-    return ckpt.sample_digest(ckpt.weight_key(module)).hex()
-
-
-def _first_difference(one: Checkpoint, other: Checkpoint, modules: list[str], verify: bool) -> str | None:
-    """The first of ``modules`` whose weights differ between two checkpoints (None: none differs).
-
-    With ``verify`` each whole weight is compared (by sha256), else its sampled rows
-    (``checkpoint.sample_rows``): a fine-tune moves every row, so a few per module show it.
-    """
-    digest = _weight_digest if verify else _sample_digest
-    for module in modules:
-        try:
-            if digest(one, module) != digest(other, module):
-                return module
-        except CsuloraError:
-            return module
-    return None
-
-
-def _warn_if_not_trained_on(adapter: Adapter, aligned: Checkpoint, allow_pickle: bool, verify: bool = False) -> None:
-    """``--aligned`` other than the adapter's ``base_model_name_or_path``: fine if the weights are the same.
-
-    Every module the adapter targets is compared: its sampled rows, or with ``verify`` its whole weight.
-    """
-    claimed = adapter.base_model
-    if not claimed or real_path(claimed) == real_path(aligned.path) or claimed == aligned.source:
-        return
-    trained_on = _local_checkpoint(claimed, allow_pickle)
-    if trained_on is None:
-        if verify:
-            raise CsuloraError(
-                f"{adapter.path}: --verify: the adapter was trained on {claimed}, which is not a local checkpoint, "
-                f"so its weights cannot be compared with --aligned {aligned.source}"
-            )
-        warnings.warn(
-            f"{adapter.path}: the adapter was trained on {claimed} but --aligned is {aligned.source} "
-            "(cannot compare their weights here)",
-            CsuloraWarning,
-            stacklevel=3,
-        )
-        return
-    differs = _first_difference(trained_on, aligned, adapter.modules, verify)
-    if differs is None:
-        return
-    message = (
-        f"{adapter.path}: the adapter was trained on {claimed} but --aligned is {aligned.source} "
-        f"and their weights differ (module {differs})"
-    )
-    if verify:
-        raise CsuloraError(f"--verify: {message}")
-    warnings.warn(message, CsuloraWarning, stacklevel=3)
 
 
 def _recorded(subspace: Subspace, name: str, key: str) -> str | None:
@@ -323,7 +225,7 @@ def _warn_if_other_model(
                     )
             return
         recorded, key = full, "sha256"
-    digest = _weight_digest if key == "sha256" else _sample_digest
+    digest = weight_digest if key == "sha256" else sampled_rows_digest
     differs = None
     for name, expected in recorded.items():
         try:
