@@ -222,3 +222,24 @@ def test_load_subspace_rejects_foreign_files(tmp_path):
     )
     with pytest.raises(CsuloraError, match="lacks tensors"):
         load_subspace(tmp_path / "partial.safetensors")
+
+
+def test_subspace_settings_are_declared_like_a_methods_and_their_flags_generated():
+    from csulora.cli import build_parser
+    from csulora.settings import setting_specs
+
+    for bad, message in [
+        ({"energy": 0.0}, r"--energy must be in \(0, 1\], got 0.0"),
+        ({"energy": 1.5}, r"--energy must be in \(0, 1\], got 1.5"),
+        ({"energy": float("nan")}, r"--energy must be in \(0, 1\], got nan"),
+        ({"rank": 0}, "--rank must be >= 1, got 0"),
+        ({"max_rank": 0}, "--max-rank must be >= 1, got 0"),
+        ({"oversample": -1}, "--oversample must be >= 0, got -1"),
+        ({"power_iters": -1}, "--power-iters must be >= 0, got -1"),
+    ]:
+        with pytest.raises(CsuloraError, match=message):
+            SubspaceSettings(**bad)
+    assert SubspaceSettings(energy=1.0).energy == 1.0 and SubspaceSettings(rank=None).rank is None
+    args = build_parser().parse_args(["subspace", "--base", "b", "--aligned", "a", "-o", "s", "--rank", "3"])
+    specs = setting_specs(SubspaceSettings)
+    assert {spec.name: getattr(args, spec.name) for spec in specs} == SubspaceSettings(rank=3).as_dict()

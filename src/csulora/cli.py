@@ -10,11 +10,15 @@ import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ._version import __version__
 from .errors import CsuloraError, CsuloraWarning
 from .evaluate import cli as evaluate_cli
 from .memory import map_large_allocations
+
+if TYPE_CHECKING:
+    from .settings import SubspaceSettings
 
 
 class _Subcommand(argparse.ArgumentParser):
@@ -51,31 +55,30 @@ def _csv(text: str) -> list[str]:
 
 
 def _add_subspace_options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
-    """The subspace flags; returns their actions by name (a method setting may share one, e.g. --seed)."""
+    """The subspace flags, one per ``SubspaceSettings`` field, and ``--device``; returns their actions by
+    name (a method setting may share one, e.g. --seed)."""
+    from .settings import SubspaceSettings, setting_specs
+
     group = parser.add_argument_group("subspace (randomized SVD of V = aligned - base)")
     actions = [
-        group.add_argument("--rank", type=int, default=None, help="fixed rank k per module"),
-        group.add_argument("--energy", type=float, default=0.8, help="energy fraction TAU for the rank (default 0.8)"),
-        group.add_argument("--max-rank", type=int, default=256, help="cap KMAX on the energy-chosen rank (256)"),
-        group.add_argument("--oversample", type=int, default=10, help="randomized SVD oversampling (10)"),
-        group.add_argument("--power-iters", type=int, default=2, help="randomized SVD power iterations (2)"),
-        group.add_argument("--seed", type=int, default=0, help="seed of the sketch (0)"),
-        group.add_argument("--device", default="auto", help="where the SVDs run: auto (CUDA if present), cpu, cuda:N"),
+        group.add_argument(
+            spec.flag,
+            type=spec.type,
+            default=spec.default,
+            help=spec.help + ("" if spec.default is None else " (%(default)s)"),
+        )
+        for spec in setting_specs(SubspaceSettings)
     ]
+    actions.append(
+        group.add_argument("--device", default="auto", help="where the SVDs run: auto (CUDA if present), cpu, cuda:N")
+    )
     return {action.dest: action for action in actions}
 
 
-def _settings(args):
-    from .svd import SubspaceSettings
+def _subspace_settings(args: argparse.Namespace) -> SubspaceSettings:
+    from .settings import SubspaceSettings, setting_specs
 
-    return SubspaceSettings(
-        rank=args.rank,
-        energy=args.energy,
-        max_rank=args.max_rank,
-        oversample=args.oversample,
-        power_iters=args.power_iters,
-        seed=args.seed,
-    )
+    return SubspaceSettings(**{spec.name: getattr(args, spec.name) for spec in setting_specs(SubspaceSettings)})
 
 
 def _add_source_options(parser: argparse.ArgumentParser) -> None:
@@ -134,7 +137,7 @@ def cmd_subspace(args) -> int:
 
         if not (args.base and args.aligned):
             raise CsuloraError("subspace needs --base and --aligned (or --merge SHARD_FILES)")
-        settings = _settings(args)
+        settings = _subspace_settings(args)
         shard = parse_shard(args.shard) if args.shard is not None else None  # --shard '' is an error, not no shard
         inputs = [args.base, args.aligned, args.adapter]
     # the output is checked and locked before any SVD runs, and stays ours until it is written
@@ -175,7 +178,7 @@ def cmd_correct(args) -> int:
         subspace=args.subspace,
         base=args.base,
         aligned=args.aligned,
-        settings=_settings(args),
+        settings=_subspace_settings(args),
         force=args.force,
         allow_pickle=args.allow_pickle,
         progress=not args.quiet,
@@ -198,7 +201,7 @@ def cmd_inspect(args) -> int:
         from .extras import require_extra
 
         require_extra("plot", "matplotlib", feature="csulora inspect --plot")
-    settings = _settings(args)
+    settings = _subspace_settings(args)
     inputs = [args.adapter, args.subspace, args.base, args.aligned]
     with (
         reserve_output(args.plot, force=args.force, owned=is_png, inputs=inputs)

@@ -2,7 +2,8 @@
 
 Pure functions on tensors: ``randomized_svd`` (Halko-Martinsson-Tropp) and ``adaptive_svd`` (block
 Krylov, for a rank chosen by energy), ``choose_rank``, ``displacement_energy``, and ``module_basis``,
-which turns one module's ``V`` into its ``ModuleBasis`` as ``SubspaceSettings`` say. The subspace
+which turns one module's ``V`` into its ``ModuleBasis`` as ``SubspaceSettings`` (declared in
+``csulora.settings``) say. The subspace
 file that stores the bases is ``csulora.subspace``.
 """
 
@@ -13,7 +14,17 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import CsuloraError
+from .settings import SubspaceSettings
+
+__all__ = [
+    "ModuleBasis",
+    "SubspaceSettings",
+    "adaptive_svd",
+    "choose_rank",
+    "displacement_energy",
+    "module_basis",
+    "randomized_svd",
+]
 
 
 def randomized_svd(
@@ -171,28 +182,6 @@ def choose_rank(sigma: torch.Tensor, total_energy: float, tau: float, max_rank: 
     reached = torch.nonzero(cumulative >= tau * total_energy)
     k = int(reached[0]) + 1 if len(reached) else len(sigma)
     return max(1, min(k, max_rank))
-
-
-@dataclass(frozen=True)
-class SubspaceSettings:
-    """How the rank is chosen and how the randomized SVD runs."""
-
-    rank: int | None = None
-    energy: float = 0.8
-    max_rank: int = 256
-    oversample: int = 10
-    power_iters: int = 2
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.rank is not None and self.rank < 1:
-            raise CsuloraError(f"--rank must be >= 1, got {self.rank}")
-        if not 0.0 < self.energy <= 1.0:
-            raise CsuloraError(f"--energy must be in (0, 1], got {self.energy}")
-        if self.max_rank < 1:
-            raise CsuloraError(f"--max-rank must be >= 1, got {self.max_rank}")
-        if self.oversample < 0 or self.power_iters < 0:
-            raise CsuloraError("--oversample and --power-iters must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -9,18 +9,33 @@ settings as its ``knob``: the one that says how strongly it corrects.
 
 from __future__ import annotations
 
-import math
-import typing
 from collections.abc import Callable, Mapping
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import dataclass
 from enum import Enum
-from types import UnionType
 from typing import Any
 
 import torch
 
 from ..correct import Corrected, LoraFactors, truncate_to_rank
 from ..errors import CsuloraError
+from ..settings import NoSettings, Settings, SettingSpec, setting, setting_specs
+
+__all__ = [
+    "DEFAULT_LAM",
+    "Finalize",
+    "Method",
+    "ModuleInputs",
+    "Needs",
+    "NoSettings",
+    "SettingSpec",
+    "Settings",
+    "define_method",
+    "fit_rank",
+    "lam_setting",
+    "rank_mode_setting",
+    "setting",
+    "setting_specs",
+]
 
 
 class Needs(Enum):
@@ -62,119 +77,6 @@ class ModuleInputs:
         if self.V is None:
             raise CsuloraError(f"module {self.name}: this method needs the alignment matrix V, which was not given")
         return self.V
-
-
-# -- settings ------------------------------------------------------------------------------------
-def setting(
-    default: Any,
-    help: str,
-    *,
-    minimum: float | None = None,
-    finite: bool = False,
-    choices: tuple[str, ...] | None = None,
-) -> Any:
-    """A settings field: its default, bounds (``minimum`` inclusive; ``finite``: no NaN or inf), help text."""
-    return field(default=default, metadata={"help": help, "minimum": minimum, "finite": finite, "choices": choices})
-
-
-@dataclass(frozen=True)
-class SettingSpec:
-    """One declared setting, as the CLI and the checks see it."""
-
-    name: str
-    type: type  # float, int or str
-    optional: bool  # None is allowed (and means "not given")
-    default: Any
-    help: str
-    minimum: float | None = None
-    finite: bool = False
-    choices: tuple[str, ...] | None = None
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
-
-    def same_declaration(self, other: SettingSpec) -> bool:
-        """Two methods may share a setting (and so a flag) only if they declare it alike, help aside."""
-        return (self.type, self.optional, self.default, self.minimum, self.finite, self.choices) == (
-            other.type,
-            other.optional,
-            other.default,
-            other.minimum,
-            other.finite,
-            other.choices,
-        )
-
-    def check(self, value: Any) -> None:
-        """Raise a one-line ``CsuloraError`` naming the flag when ``value`` is out of bounds."""
-        if value is None and self.optional:
-            return
-        if self.choices is not None:
-            if value not in self.choices:
-                options = " or ".join(repr(c) for c in self.choices)
-                raise CsuloraError(f"{self.flag} must be {options}, got {value!r}")
-            return
-        if self.type in (int, float) and (isinstance(value, bool) or not isinstance(value, int | float)):
-            raise CsuloraError(f"{self.flag} must be a number, got {value!r}")
-        if self.type is str and not isinstance(value, str):
-            raise CsuloraError(f"{self.flag} must be a string, got {value!r}")
-        out_of_bounds = self.minimum is not None and not value >= self.minimum  # NaN is out of bounds too
-        if (self.finite and not math.isfinite(value)) or out_of_bounds:
-            if self.minimum is None:
-                raise CsuloraError(f"{self.flag} must be finite, got {value}")
-            number = "a finite number >= " if self.finite else ">= "
-            raise CsuloraError(f"{self.flag} must be {number}{self.minimum:g}, got {value}")
-
-
-def setting_specs(settings_class: type) -> tuple[SettingSpec, ...]:
-    """The declared settings of a method's settings dataclass, in declaration order."""
-    hints = typing.get_type_hints(settings_class)
-    specs = []
-    for f in fields(settings_class):
-        kind, optional = _plain_type(hints[f.name], f.name)
-        if f.default is MISSING:
-            raise TypeError(f"setting {f.name} of {settings_class.__name__} has no default")
-        meta = f.metadata
-        specs.append(
-            SettingSpec(
-                f.name,
-                kind,
-                optional,
-                f.default,
-                meta.get("help", ""),
-                meta.get("minimum"),
-                meta.get("finite", False),
-                meta.get("choices"),
-            )
-        )
-    return tuple(specs)
-
-
-def _plain_type(hint: Any, name: str) -> tuple[type, bool]:
-    """``float`` -> (float, False); ``float | None`` -> (float, True); only int, float and str."""
-    args = typing.get_args(hint) if isinstance(hint, UnionType) or typing.get_origin(hint) is typing.Union else ()
-    optional = type(None) in args
-    plain = [a for a in args if a is not type(None)] if args else [hint]
-    if len(plain) != 1 or plain[0] not in (int, float, str):
-        raise TypeError(f"setting {name}: only int, float and str (or optional ones) have a CLI flag, got {hint}")
-    return plain[0], optional
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Base of every method's settings: each field is checked against its declaration when built."""
-
-    def __post_init__(self) -> None:
-        for spec in setting_specs(type(self)):
-            spec.check(getattr(self, spec.name))
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class NoSettings(Settings):
-    """For a method with nothing to set."""
 
 
 # Settings several methods share (one flag each on the CLI): declared once, here.
