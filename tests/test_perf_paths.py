@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 from csulora.checkpoint import Checkpoint
 from csulora.errors import CsuloraError
 from csulora.pair import float32_difference, iter_deltas, read_delta
+from csulora.sources import BasisSource
 from csulora.svd import SubspaceSettings, displacement_energy, module_basis
 
 
@@ -196,7 +197,7 @@ def test_small_corrections_run_on_one_thread_large_ones_on_all(monkeypatch, llam
 
     monkeypatch.setitem(METHODS, "csulora", replace(method, correct=spy))
     base, aligned = llama_pair
-    correct_adapter(llama_adapter, tmp_path / "out", base=base, aligned=aligned)
+    correct_adapter(llama_adapter, tmp_path / "out", BasisSource(base=base, aligned=aligned))
     assert seen and set(seen) == {1}
 
 

@@ -31,6 +31,7 @@ _EXPORTS = {
     "METHODS": "methods",
     "MethodParams": "methods",
     "correct_adapter": "pipeline",
+    "BasisSource": "sources",
     "Subspace": "subspace",
     "SubspaceSettings": "svd",
     "load_subspace": "subspace",
@@ -40,6 +41,7 @@ _EXPORTS = {
 
 __all__ = [
     "Adapter",
+    "BasisSource",
     "Checkpoint",
     "CsuloraError",
     "LoraFactors",
@@ -96,6 +98,7 @@ if TYPE_CHECKING:  # what type checkers and editors see
     from .errors import CsuloraError
     from .methods import METHODS, MethodParams
     from .pipeline import correct_adapter
+    from .sources import BasisSource
     from .subspace import Subspace, load_subspace
     from .subspace_stream import compute_subspace
     from .svd import SubspaceSettings, randomized_svd

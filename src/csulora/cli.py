@@ -19,6 +19,7 @@ from .memory import map_large_allocations
 
 if TYPE_CHECKING:
     from .settings import SubspaceSettings
+    from .sources import BasisSource
 
 
 class _Subcommand(argparse.ArgumentParser):
@@ -81,6 +82,21 @@ def _subspace_settings(args: argparse.Namespace) -> SubspaceSettings:
     return SubspaceSettings(**{spec.name: getattr(args, spec.name) for spec in setting_specs(SubspaceSettings)})
 
 
+def _basis_source(args: argparse.Namespace) -> BasisSource:
+    """Where ``correct`` and ``inspect`` take the basis from: --subspace, or --base (and --aligned)."""
+    from .sources import BasisSource
+
+    return BasisSource(
+        subspace=args.subspace,
+        base=args.base,
+        aligned=args.aligned,
+        subspace_settings=_subspace_settings(args),
+        allow_pickle=args.allow_pickle,
+        device=args.device,
+        verify=args.verify,
+    )
+
+
 def _add_source_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--subspace", help="subspace file from `csulora subspace`")
     parser.add_argument("--base", help="base checkpoint (before alignment): directory or Hub id")
@@ -118,7 +134,7 @@ def _add_method_options(parser: argparse.ArgumentParser, shared: dict[str, argpa
         group.add_argument(spec.flag, type=spec.type, default=spec.default, choices=choices, help=used_by + default)
 
 
-def _params(args):
+def _method_settings(args):
     from .methods import MethodParams, all_settings
 
     return MethodParams(**{name: getattr(args, name) for name in all_settings()})
@@ -173,17 +189,11 @@ def cmd_correct(args) -> int:
     report = correct_adapter(
         args.adapter,
         args.output,
+        _basis_source(args),
         method=args.method,
-        params=_params(args),
-        subspace=args.subspace,
-        base=args.base,
-        aligned=args.aligned,
-        settings=_subspace_settings(args),
+        method_settings=_method_settings(args),
         force=args.force,
-        allow_pickle=args.allow_pickle,
         progress=not args.quiet,
-        device=args.device,
-        verify=args.verify,
     )
     kept = report["energy_after"] / report["energy_before"] if report["energy_before"] else 1.0
     print(
@@ -201,24 +211,14 @@ def cmd_inspect(args) -> int:
         from .extras import require_extra
 
         require_extra("plot", "matplotlib", feature="csulora inspect --plot")
-    settings = _subspace_settings(args)
+    source = _basis_source(args)
     inputs = [args.adapter, args.subspace, args.base, args.aligned]
     with (
         reserve_output(args.plot, force=args.force, owned=is_png, inputs=inputs)
         if args.plot
         else contextlib.nullcontext()
     ):
-        diagnostic = alignment_diagnostic(
-            args.adapter,
-            subspace=args.subspace,
-            base=args.base,
-            aligned=args.aligned,
-            settings=settings,
-            allow_pickle=args.allow_pickle,
-            progress=not args.quiet,
-            device=args.device,
-            verify=args.verify,
-        )
+        diagnostic = alignment_diagnostic(args.adapter, source, progress=not args.quiet)
         rows = diagnostic["modules"]
         if args.plot:
             pair = (

@@ -6,12 +6,9 @@ from pathlib import Path
 
 from .adapter import Adapter, load_adapter
 from .correct import SignedOverlap, combined_overlap, decompose, signed_overlap
-from .pair import open_pair
 from .safe_output import atomic_file
-from .sources import AdapterSubspace
-from .subspace import Subspace
+from .sources import AdapterSubspace, BasisSource
 from .subspace_stream import warn_unaligned
-from .svd import SubspaceSettings
 from .threads import torch_threads
 
 __all__ = [
@@ -25,27 +22,15 @@ __all__ = [
 
 
 @torch_threads(1)
-def inspect_adapter(
-    adapter: str | Path | Adapter,
-    *,
-    subspace: str | Path | Subspace | None = None,
-    base: str | Path | None = None,
-    aligned: str | Path | None = None,
-    settings: SubspaceSettings | None = None,
-    allow_pickle: bool = False,
-    progress: bool = False,
-    device: str | None = None,
-    verify: bool = False,
-) -> list[dict]:
+def inspect_adapter(adapter: str | Path | Adapter, source: BasisSource, *, progress: bool = False) -> list[dict]:
     """The per-module decomposition of ``adapter`` and its signed overlap with V (nothing is written).
 
     One row per module: ``rho_f``, ``rho_h``, ``rho_o`` and the signed figures of ``overlap_row``.
     """
-    adapter = adapter if isinstance(adapter, Adapter) else load_adapter(adapter, allow_pickle=allow_pickle)
-    pair = open_pair(adapter, base, aligned, allow_pickle, verify=verify)
-    source = AdapterSubspace(adapter, subspace, pair, aligned, settings, progress, device, verify)
+    adapter = adapter if isinstance(adapter, Adapter) else load_adapter(adapter, allow_pickle=source.allow_pickle)
+    bases = AdapterSubspace(adapter, source, source.open_pair(adapter), progress)
     rows = []
-    for basis in source.bases():
+    for basis in bases.bases():
         lora = adapter.factors(basis.module)
         d = decompose(lora, basis.U, basis.R)
         rows.append(
@@ -61,7 +46,7 @@ def inspect_adapter(
             }
             | overlap_row(signed_overlap(lora, basis.U, basis.R, basis.sigma, d))
         )
-    warn_unaligned([str(row["module"]) for row in rows if row["k"] == 0], len(adapter.modules), source.where)
+    warn_unaligned([str(row["module"]) for row in rows if row["k"] == 0], len(adapter.modules), bases.where)
     return rows
 
 
@@ -95,33 +80,12 @@ def adapter_figures(rows: list[dict]) -> dict:
     return {"modules": len(rows), "energy": total.energy} | rhos | figures
 
 
-def alignment_diagnostic(
-    adapter: str | Path | Adapter,
-    *,
-    subspace: str | Path | Subspace | None = None,
-    base: str | Path | None = None,
-    aligned: str | Path | None = None,
-    settings: SubspaceSettings | None = None,
-    allow_pickle: bool = False,
-    progress: bool = False,
-    device: str | None = None,
-    verify: bool = False,
-) -> dict:
+def alignment_diagnostic(adapter: str | Path | Adapter, source: BasisSource, *, progress: bool = False) -> dict:
     """Where an adapter's update lies against the alignment: ``{"modules": rows, "adapter": totals}``.
 
     The rows of ``inspect_adapter`` and their ``adapter_figures``; what ``csulora inspect --json`` prints.
     """
-    rows = inspect_adapter(
-        adapter,
-        subspace=subspace,
-        base=base,
-        aligned=aligned,
-        settings=settings,
-        allow_pickle=allow_pickle,
-        progress=progress,
-        device=device,
-        verify=verify,
-    )
+    rows = inspect_adapter(adapter, source, progress=progress)
     return {"modules": rows, "adapter": adapter_figures(rows)}
 
 

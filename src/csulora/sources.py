@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,10 +19,42 @@ import torch
 from .adapter import Adapter
 from .checkpoint import Checkpoint, match_module, tensor_digest
 from .errors import CsuloraError, CsuloraWarning
-from .pair import Pair, iter_deltas, local_checkpoint, sampled_rows_digest, subspace_modules, weight_digest
+from .pair import Pair, iter_deltas, local_checkpoint, open_pair, sampled_rows_digest, subspace_modules, weight_digest
 from .subspace import SAMPLE_KEY, Subspace, _FileBases, load_subspace
 from .subspace_stream import stream_bases, stream_metadata
 from .svd import ModuleBasis, SubspaceSettings
+
+
+@dataclass(frozen=True)
+class BasisSource:
+    """Where an adapter's basis comes from: a subspace (a file or an object), or a (base, aligned) pair
+    whose subspace is computed on the fly as ``subspace_settings`` say.
+
+    ``aligned`` defaults to the adapter's ``base_model_name_or_path``; with a subspace it is the local
+    checkpoint the subspace's recorded digests are compared with. ``allow_pickle``: pickled ``.bin``
+    checkpoints (and adapter weights) may be read, with ``weights_only=True``. ``device``: where the
+    SVDs run. ``verify``: the subspace (or ``aligned``) must be proven to come from the adapter's model,
+    every target module's whole weight compared.
+    """
+
+    subspace: str | Path | Subspace | None = None
+    base: str | Path | None = None
+    aligned: str | Path | None = None
+    subspace_settings: SubspaceSettings = field(default_factory=SubspaceSettings)
+    allow_pickle: bool = False
+    device: str | None = None
+    verify: bool = False
+
+    @property
+    def subspace_path(self) -> str | Path | None:
+        """The subspace file, if the subspace is one (or was read from one)."""
+        if self.subspace is None or isinstance(self.subspace, str | Path):
+            return self.subspace
+        return self.subspace.path
+
+    def open_pair(self, adapter: Adapter, required: str | None = None) -> Pair | None:
+        """The (base, aligned) pair when ``base`` is given, else None (``required``: the error then)."""
+        return open_pair(adapter, self.base, self.aligned, self.allow_pickle, required, self.verify)
 
 
 def subspace_file_name(subspace: Subspace) -> str:
@@ -55,21 +87,13 @@ class AdapterSubspace:
     module as it goes, so only the module in hand (and the one being read) is ever in memory.
     """
 
-    def __init__(
-        self,
-        adapter: Adapter,
-        subspace: str | Path | Subspace | None,
-        pair: Pair | None,
-        aligned,
-        settings: SubspaceSettings | None,
-        progress: bool = False,
-        device: str | None = None,
-        verify: bool = False,
-    ):
+    def __init__(self, adapter: Adapter, source: BasisSource, pair: Pair | None, progress: bool = False):
+        """``pair``: ``source.open_pair(adapter)``, opened once by the caller (a method may read ``V`` too)."""
+        subspace, aligned, verify = source.subspace, source.aligned, source.verify
         self.adapter = adapter
         self.pair = pair
-        self.settings = settings or SubspaceSettings()
-        self.progress, self.device = progress, device
+        self.settings = source.subspace_settings
+        self.progress, self.device = progress, source.device
         self.given: Subspace | None = None
         # the model type says which modules are Conv1D (stored in x out): see Adapter.stored_transposed
         self.model_type = pair.aligned.model_type if pair else None

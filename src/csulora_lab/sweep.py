@@ -113,6 +113,7 @@ def correct_all(
     """Write one corrected adapter per sweep point ``(method, settings)`` (same calls as ``csulora correct``)."""
     from csulora.methods import Needs, method_needs
     from csulora.pipeline import REPORT_NAME, correct_adapter
+    from csulora.sources import BasisSource
 
     labels = {run_label(method, params) for method, params in points}
     if len(labels) != len(points):
@@ -125,15 +126,7 @@ def correct_all(
     for method, params in tqdm(points, desc="correct", disable=quiet, leave=False):
         out = adapters_dir / run_label(method, params)
         needs_delta = method_needs(method, params) is Needs.DELTA  # the full V, not the subspace
-        report = correct_adapter(
-            art.lora,
-            out,
-            method=method,
-            params=params,
-            force=True,
-            subspace=None if needs_delta else art.subspace,
-            base=art.base if needs_delta else None,
-            aligned=art.aligned if needs_delta else None,
-        )
+        source = BasisSource(base=art.base, aligned=art.aligned) if needs_delta else BasisSource(art.subspace)
+        report = correct_adapter(art.lora, out, source, method=method, method_settings=params, force=True)
         runs.append({"method": method, "params": report["params"], "adapter": out})
     return runs

@@ -202,8 +202,9 @@ def sweep(config: LabConfig) -> list[tuple[str, dict]]:
 def attack_diagnostic(art: CorrectionInputs) -> dict:
     """Where the attack's update lies against the subspace the corrections use (``csulora inspect --json``)."""
     from csulora.inspection import alignment_diagnostic
+    from csulora.sources import BasisSource
 
-    return alignment_diagnostic(art.lora, subspace=art.subspace)
+    return alignment_diagnostic(art.lora, BasisSource(art.subspace))
 
 
 # -- evaluation ----------------------------------------------------------------------------------
