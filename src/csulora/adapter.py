@@ -251,7 +251,7 @@ def _load_weights(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     if pickled.is_file():
         if not allow_pickle:
             raise CsuloraError(
-                f"{pickled}: pickled adapter weights are refused (pickle can run code); pass --allow-pickle "
+                f"{pickled}: pickled adapter weights are refused (pickle can run code); allow them (allow_pickle=True) "
                 "to load them with weights_only=True"
             )
         return load_pickled(pickled)

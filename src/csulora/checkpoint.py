@@ -98,7 +98,7 @@ class Checkpoint:
         if pickled and not self.allow_pickle:
             raise CsuloraError(
                 f"{path}: only pickled .bin weights found; pickle can run code when loaded, so it is "
-                "refused (convert to safetensors, or pass --allow-pickle to load with weights_only=True)"
+                "refused (convert to safetensors, or allow it, allow_pickle=True, to load with weights_only=True)"
             )
         if (path / PICKLE_INDEX).is_file():
             return self._index_map(path / PICKLE_INDEX)

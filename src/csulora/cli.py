@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import signal
 import sys
 import threading
@@ -342,6 +343,20 @@ def _streams_checkpoints(args) -> bool:
     )
 
 
+# Library messages name settings (``base=...``, ``verify=True``); the CLI's name the flags (``--base``).
+_SETTING_IN_MESSAGE = re.compile(r"\b([a-z][a-z0-9_]*)=(?:\.\.\.|True)")
+
+
+def _in_flags(message: str, args: argparse.Namespace) -> str:
+    """``message`` with each setting this command has a flag for named by its flag."""
+
+    def flag(match: re.Match[str]) -> str:
+        name = match[1]
+        return "--" + name.replace("_", "-") if name in vars(args) else match[0]
+
+    return _SETTING_IN_MESSAGE.sub(flag, message)
+
+
 def _run(args) -> int:
     if _streams_checkpoints(args):  # big tensors freed module by module go straight back to the OS
         # (not for `correct --subspace` alone: its few-MB factors are reused by malloc instead of being
@@ -353,10 +368,10 @@ def _run(args) -> int:
     try:
         code = args.func(args)
         for line in _pending_warnings:
-            print(line, file=sys.stderr)
+            print(_in_flags(line, args), file=sys.stderr)
         return code
     except CsuloraError as exc:
-        print(f"csulora: error: {exc}", file=sys.stderr)
+        print(f"csulora: error: {_in_flags(str(exc), args)}", file=sys.stderr)
         return 2
     except OSError as exc:  # a file that vanished or cannot be read or written: one line, not a traceback
         where = f"{exc.filename}: " if exc.filename else ""

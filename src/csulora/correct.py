@@ -162,7 +162,7 @@ class Corrected:
 
 def _check_lam(lam: float) -> None:
     if lam < 0 or math.isnan(lam):
-        raise CsuloraError(f"--lam must be >= 0, got {lam}")
+        raise CsuloraError(f"lam must be >= 0, got {lam}")
 
 
 def csulora_update(lora: LoraFactors, U: torch.Tensor, R: torch.Tensor, lam: float) -> Corrected:

@@ -17,9 +17,9 @@ def resolve_device(device: str | None) -> torch.device:
     try:
         resolved = torch.device(device)
     except RuntimeError:
-        raise CsuloraError(f"--device {device!r} is not a torch device") from None
+        raise CsuloraError(f"device {device!r} is not a torch device") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise CsuloraError(f"--device {device}: CUDA is not available on this machine")
+        raise CsuloraError(f"device {device}: CUDA is not available on this machine")
     return resolved
 
 

@@ -51,7 +51,9 @@ def open_pair(
         return None
     aligned_source = aligned or adapter.base_model
     if aligned_source is None:
-        raise CsuloraError(f"{adapter.path}: no base_model_name_or_path in the config; pass --aligned")
+        raise CsuloraError(
+            f"{adapter.path}: no base_model_name_or_path in the config; give the aligned checkpoint (aligned=...)"
+        )
     pair = Pair(Checkpoint(base, allow_pickle=allow_pickle), Checkpoint(aligned_source, allow_pickle=allow_pickle))
     check_pair(pair.base, pair.aligned, adapter.modules)
     if aligned is not None:
@@ -165,7 +167,7 @@ def subspace_modules(
     if modules is not None:
         return [aligned.module_name(module) for module in modules]
     if not targets:
-        raise CsuloraError("say which modules: --targets q_proj,v_proj,... or --adapter DIR")
+        raise CsuloraError("say which modules: targets=... (q_proj,v_proj,...) or adapter=...")
     found = aligned.linear_modules(targets)
     if not found:
         raise CsuloraError(f"{aligned.path}: no 2-D weight matches the targets {', '.join(targets)}")
@@ -213,7 +215,7 @@ def _first_difference(one: Checkpoint, other: Checkpoint, modules: list[str], ve
 
 
 def _warn_if_not_trained_on(adapter: Adapter, aligned: Checkpoint, allow_pickle: bool, verify: bool = False) -> None:
-    """``--aligned`` other than the adapter's ``base_model_name_or_path``: fine if the weights are the same.
+    """An ``aligned`` checkpoint other than the adapter's ``base_model_name_or_path``: fine if the weights are the same.
 
     Every module the adapter targets is compared: its sampled rows, or with ``verify`` its whole weight.
     """
@@ -224,12 +226,12 @@ def _warn_if_not_trained_on(adapter: Adapter, aligned: Checkpoint, allow_pickle:
     if trained_on is None:
         if verify:
             raise CsuloraError(
-                f"{adapter.path}: --verify: the adapter was trained on {claimed}, which is not a local checkpoint, "
-                f"so its weights cannot be compared with --aligned {aligned.source}"
+                f"{adapter.path}: verify=True: the adapter was trained on {claimed}, which is not a local checkpoint, "
+                f"so its weights cannot be compared with the aligned checkpoint (aligned=...) {aligned.source}"
             )
         warnings.warn(
-            f"{adapter.path}: the adapter was trained on {claimed} but --aligned is {aligned.source} "
-            "(cannot compare their weights here)",
+            f"{adapter.path}: the adapter was trained on {claimed} but the aligned checkpoint (aligned=...) is "
+            f"{aligned.source} (cannot compare their weights here)",
             CsuloraWarning,
             stacklevel=3,
         )
@@ -238,9 +240,9 @@ def _warn_if_not_trained_on(adapter: Adapter, aligned: Checkpoint, allow_pickle:
     if differs is None:
         return
     message = (
-        f"{adapter.path}: the adapter was trained on {claimed} but --aligned is {aligned.source} "
-        f"and their weights differ (module {differs})"
+        f"{adapter.path}: the adapter was trained on {claimed} but the aligned checkpoint (aligned=...) is "
+        f"{aligned.source} and their weights differ (module {differs})"
     )
     if verify:
-        raise CsuloraError(f"--verify: {message}")
+        raise CsuloraError(f"verify=True: {message}")
     warnings.warn(message, CsuloraWarning, stacklevel=3)

@@ -129,7 +129,7 @@ def correct_adapter(
     resolved = spec.settings_from(method_settings)
     needs = spec.needs_for(resolved)
     adapter = adapter if isinstance(adapter, Adapter) else load_adapter(adapter, allow_pickle=source.allow_pickle)
-    required = f"--method {method} needs the full alignment matrix: pass --base (and --aligned)"
+    required = f"method {method} needs the full alignment matrix V: give a base checkpoint (base=..., and aligned=...)"
     pair = source.open_pair(adapter, required if needs is Needs.DELTA else None)
     subspace_path = source.subspace_path
     inputs = [adapter.path, subspace_path] + ([pair.base.path, pair.aligned.path] if pair else [])

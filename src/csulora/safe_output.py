@@ -150,14 +150,16 @@ def _check_replaceable(path: Path, shown: str | os.PathLike, force: bool, owned,
     if not os.path.lexists(path):
         return
     if not force:
-        raise CsuloraError(f"{shown}: already exists (pass --force to overwrite)")
+        raise CsuloraError(f"{shown}: already exists (force=True overwrites it)")
     if kind == "file" and path.is_dir():
         raise CsuloraError(f"{shown}: is a directory, expected a file path")
     if kind == "dir" and not path.is_dir():
         raise CsuloraError(f"{shown}: is a file, expected a directory path")
     empty = path.is_dir() and not any(path.iterdir()) or path.is_file() and path.stat().st_size == 0
     if not empty and (not owned(path) if owned is not None else kind == "dir"):
-        raise CsuloraError(f"{shown}: exists and was not written by csulora; --force only replaces csulora's outputs")
+        raise CsuloraError(
+            f"{shown}: exists and was not written by csulora; force=True only replaces csulora's outputs"
+        )
 
 
 @dataclass(frozen=True)
@@ -267,7 +269,7 @@ def _link_new(tmp: Path, target: Path, shown) -> None:
     try:
         os.link(tmp, target)
     except FileExistsError:
-        raise CsuloraError(f"{shown}: already exists (pass --force to overwrite)") from None
+        raise CsuloraError(f"{shown}: already exists (force=True overwrites it)") from None
     except OSError:  # no hard links on this filesystem: the lock already excludes other csulora runs
         os.replace(tmp, target)
 

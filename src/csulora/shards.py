@@ -110,7 +110,7 @@ def merge_shards(paths: list[str | Path]) -> Subspace:
     The rest of each module's weights was read by its own shard only: a note says so.
     """
     if not paths:
-        raise CsuloraError("--merge needs at least one shard file")
+        raise CsuloraError("a merge needs at least one shard file")
     shards = [(Path(path), load_subspace(path)) for path in paths]
     first_path, first = shards[0]
     reference = _shard_info(first_path, first)
@@ -207,7 +207,7 @@ def _shard_info(path: Path, subspace: Subspace) -> dict:
     """The file's ``shard`` record, checked: an edited or foreign one is refused in one line."""
     info = subspace.metadata.get(SHARD_KEY)
     if not isinstance(info, dict) or not {"count", "modules", "fingerprint"} <= set(info):
-        raise CsuloraError(f"{path}: not a shard file (written without --shard)")
+        raise CsuloraError(f"{path}: not a shard file (written without shard=...)")
     index, count, modules = info.get("index"), info["count"], info["modules"]
     if not (isinstance(count, int) and isinstance(index, int) and _integer(count) and _integer(index)) or not (
         1 <= count <= MAX_SHARDS and 0 <= index < count

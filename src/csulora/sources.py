@@ -104,7 +104,9 @@ class AdapterSubspace:
             recorded = self.given.metadata.get("model_type")
             self.model_type = self.model_type or recorded or (local.model_type if local else None)
         elif pair is None:
-            raise CsuloraError("pass --subspace SUB, or --base B (and --aligned A) to compute it")
+            raise CsuloraError(
+                "needs a subspace (subspace=...), or a base checkpoint (base=..., and aligned=...) to compute it"
+            )
 
     @property
     def where(self) -> str:
@@ -123,7 +125,7 @@ class AdapterSubspace:
                 if name is None:
                     raise CsuloraError(
                         f"{subspace_file_name(given)}: adapter module {module} has no entry in the subspace file; "
-                        f"recompute it with --adapter {adapter.path}"
+                        f"recompute it with adapter=... {adapter.path}"
                     )
                 yield self._oriented(module, name, given[name], f"the subspace in {subspace_file_name(given)}")
             return
@@ -211,8 +213,8 @@ def _warn_if_other_model(
     if aligned is None:  # the adapter's model is not here (a Hub id): its name is the only clue left
         if verify:
             raise CsuloraError(
-                f"{adapter.path}: --verify: the adapter's model {adapter.base_model} is not a local checkpoint; "
-                "pass --aligned DIR to compare its weights with the subspace's"
+                f"{adapter.path}: verify=True: the adapter's model {adapter.base_model} is not a local checkpoint; "
+                "give the local aligned checkpoint (aligned=...) to compare its weights with the subspace's"
             )
         if source and adapter.base_model and source != adapter.base_model:
             warnings.warn(
@@ -229,7 +231,7 @@ def _warn_if_other_model(
         if verify:
             missing = next(name for name, digest in recorded.items() if not digest)
             raise CsuloraError(
-                f"{where}: --verify: no digest of module {missing}'s aligned weights (written by an older csulora); "
+                f"{where}: verify=True: no digest of module {missing}'s aligned weights (written by an older csulora); "
                 "recompute the subspace"
             )
         full = {name: _recorded(subspace, name, "sha256") for name in _spread(names)}
@@ -266,5 +268,5 @@ def _warn_if_other_model(
         "differs): the subspace may belong to another model"
     )
     if verify:
-        raise CsuloraError(f"--verify: {message}")
+        raise CsuloraError(f"verify=True: {message}")
     warnings.warn(message, CsuloraWarning, stacklevel=3)

@@ -199,6 +199,6 @@ def build_judge(
         return StrictKeywordJudge(STRICT_REFUSAL_KEYWORDS + tuple(extra_keywords))
     if name == "classifier":
         if classifier is None:
-            raise CsuloraError("the classifier judge needs a model (--classifier MODEL)")
+            raise CsuloraError("the classifier judge needs a model (classifier=...)")
         return ClassifierJudge(classifier, device=device)
     raise CsuloraError(f"unknown judge {name!r} (expected one of {', '.join(JUDGES)})")

@@ -128,7 +128,7 @@ class Method:
         """This method's settings from a mapping of values by name (names of other methods ignored)."""
         if isinstance(values, Settings):
             if not isinstance(values, self.settings):
-                raise CsuloraError(f"--method {self.name} takes {self.settings.__name__}, not {type(values).__name__}")
+                raise CsuloraError(f"method {self.name} takes {self.settings.__name__}, not {type(values).__name__}")
             return values
         values = values or {}
         return self.settings(**{spec.name: values[spec.name] for spec in self.setting_specs() if spec.name in values})
