@@ -9,9 +9,10 @@ import signal
 import sys
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from types import FrameType
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from ._version import __version__
 from .errors import CsuloraError, CsuloraWarning
@@ -19,6 +20,7 @@ from .evaluate import cli as evaluate_cli
 from .memory import map_large_allocations
 
 if TYPE_CHECKING:
+    from .methods import MethodParams
     from .settings import SubspaceSettings
     from .sources import BasisSource
 
@@ -30,7 +32,9 @@ class _Subcommand(argparse.ArgumentParser):
     the commands that need no method then start without it.
     """
 
-    def __init__(self, *args, complete: Callable[[argparse.ArgumentParser], None] | None = None, **kwargs):
+    def __init__(
+        self, *args: Any, complete: Callable[[argparse.ArgumentParser], None] | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._complete = complete
 
@@ -39,7 +43,9 @@ class _Subcommand(argparse.ArgumentParser):
             complete, self._complete = self._complete, None
             complete(self)
 
-    def parse_known_args(self, args=None, namespace=None):
+    def parse_known_args(  # type: ignore[override]  # argparse's overloads, one signature here
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
         self._completed()
         return super().parse_known_args(args, namespace)
 
@@ -135,13 +141,13 @@ def _add_method_options(parser: argparse.ArgumentParser, shared: dict[str, argpa
         group.add_argument(spec.flag, type=spec.type, default=spec.default, choices=choices, help=used_by + default)
 
 
-def _method_settings(args):
+def _method_settings(args: argparse.Namespace) -> MethodParams:
     from .methods import MethodParams, all_settings
 
     return MethodParams(**{name: getattr(args, name) for name in all_settings()})
 
 
-def cmd_subspace(args) -> int:
+def cmd_subspace(args: argparse.Namespace) -> int:
     from .safe_output import reserve_output
     from .subspace import is_subspace_file
 
@@ -184,7 +190,7 @@ def cmd_subspace(args) -> int:
     return 0
 
 
-def cmd_correct(args) -> int:
+def cmd_correct(args: argparse.Namespace) -> int:
     from .pipeline import REPORT_NAME, correct_adapter
 
     report = correct_adapter(
@@ -204,7 +210,7 @@ def cmd_correct(args) -> int:
     return 0
 
 
-def cmd_inspect(args) -> int:
+def cmd_inspect(args: argparse.Namespace) -> int:
     from .inspection import alignment_diagnostic, format_table, is_png, plot_decomposition
     from .safe_output import reserve_output, strict_json
 
@@ -296,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS_GROUP = "csulora.commands"
 
 
-def _add_plugin_commands(sub) -> None:
+def _add_plugin_commands(sub: argparse._SubParsersAction) -> None:
     """A command that reads checkpoints module by module sets ``streams_checkpoints=True`` in its defaults."""
     from importlib.metadata import entry_points
 
@@ -308,7 +314,14 @@ _default_showwarning = warnings.showwarning
 _pending_warnings: list[str] = []
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None):
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
     """Our own warnings as one line, once the command succeeds; everybody else's as Python prints them.
 
     A run that fails prints only its error: one line that says what is wrong.
@@ -319,7 +332,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
         _default_showwarning(message, category, filename, lineno, file, line)
 
 
-def _terminate(signum, frame):
+def _terminate(signum: int, frame: FrameType | None) -> NoReturn:
     """SIGTERM (a scheduler, ``timeout``) unwinds like Ctrl-C, so temporary outputs are removed."""
     raise KeyboardInterrupt
 
@@ -332,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
 
 
-def _streams_checkpoints(args) -> bool:
+def _streams_checkpoints(args: argparse.Namespace) -> bool:
     """Whether the command may read checkpoints module by module: ``subspace``, a plugin command that says
     so (the lab), and any command given a base checkpoint (a subspace computed on the fly, or Safe LoRA's
     V even beside --subspace)."""
@@ -357,7 +370,7 @@ def _in_flags(message: str, args: argparse.Namespace) -> str:
     return _SETTING_IN_MESSAGE.sub(flag, message)
 
 
-def _run(args) -> int:
+def _run(args: argparse.Namespace) -> int:
     if _streams_checkpoints(args):  # big tensors freed module by module go straight back to the OS
         # (not for `correct --subspace` alone: its few-MB factors are reused by malloc instead of being
         # mapped and faulted in afresh, which costs system time; docs/performance.md)

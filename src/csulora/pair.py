@@ -38,7 +38,12 @@ class Pair:
 
 
 def open_pair(
-    adapter: Adapter, base, aligned, allow_pickle: bool, required: str | None = None, verify: bool = False
+    adapter: Adapter,
+    base: str | Path | None,
+    aligned: str | Path | None,
+    allow_pickle: bool,
+    required: str | None = None,
+    verify: bool = False,
 ) -> Pair | None:
     """Open (base, aligned) when ``base`` is given (aligned defaults to the adapter's model); else None.
 
@@ -180,7 +185,7 @@ def _check_adapter_fits(adapter: Adapter, aligned: Checkpoint, module: str) -> N
     adapter.stored_transposed(module, stored, aligned.model_type, f"the weight in {aligned.path}")
 
 
-def local_checkpoint(source, allow_pickle: bool) -> Checkpoint | None:
+def local_checkpoint(source: str | Path | None, allow_pickle: bool) -> Checkpoint | None:
     """A checkpoint at a local path, or None (a Hub id, or nothing readable there)."""
     if not source or not Path(source).expanduser().is_dir():
         return None

@@ -30,6 +30,7 @@ from .model_card import CARD_NAME, corrected_card
 from .pair import Pair
 from .safe_output import atomic_dir, reserve_output, strict_json
 from .sources import AdapterSubspace, BasisSource, adapter_deltas
+from .subspace import Subspace
 from .subspace_stream import warn_unaligned
 from .threads import correction_flops, threads_for, torch_threads
 
@@ -146,7 +147,13 @@ def correct_adapter(
     return report
 
 
-def _card(adapter: Adapter, report: dict, subspace, subspace_path, pair: Pair | None) -> str:
+def _card(
+    adapter: Adapter,
+    report: dict,
+    subspace: str | Path | Subspace | None,
+    subspace_path: str | Path | None,
+    pair: Pair | None,
+) -> str:
     """The output's model card: how the adapter was corrected, then the input's own card."""
     original = adapter.path / CARD_NAME
     return corrected_card(

@@ -24,6 +24,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import CsuloraError, CsuloraWarning
 
@@ -146,7 +147,9 @@ def check_not_input(out: str | os.PathLike, inputs: Iterable[str | os.PathLike |
             raise CsuloraError(f"{out}: is, is inside or contains the input {source}; choose another output path")
 
 
-def _check_replaceable(path: Path, shown: str | os.PathLike, force: bool, owned, kind: str) -> None:
+def _check_replaceable(
+    path: Path, shown: str | os.PathLike, force: bool, owned: Callable[[Path], bool] | None, kind: str
+) -> None:
     if not os.path.lexists(path):
         return
     if not force:
@@ -264,7 +267,7 @@ def atomic_file(
             shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
-def _link_new(tmp: Path, target: Path, shown) -> None:
+def _link_new(tmp: Path, target: Path, shown: str | os.PathLike) -> None:
     """Put ``tmp`` at ``target`` only if nothing is there (a hard link cannot clobber)."""
     try:
         os.link(tmp, target)
@@ -332,7 +335,7 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(code, os.strerror(code), str(b))
 
 
-def _strict(value):
+def _strict(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
     if isinstance(value, dict):
@@ -342,6 +345,6 @@ def _strict(value):
     return value
 
 
-def strict_json(value, indent: int | None = 2) -> str:
+def strict_json(value: Any, indent: int | None = 2) -> str:
     """JSON that any parser accepts: a non-finite number becomes the string "inf", "-inf" or "nan"."""
     return json.dumps(_strict(value), indent=indent, allow_nan=False)

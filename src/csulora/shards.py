@@ -14,6 +14,7 @@ import json
 import math
 import warnings
 from pathlib import Path
+from typing import Any
 
 from .checkpoint import SAMPLE_ROWS, Checkpoint
 from .errors import CsuloraError, CsuloraWarning
@@ -237,5 +238,5 @@ def _shard_info(path: Path, subspace: Subspace) -> dict:
     return info
 
 
-def _integer(value) -> bool:
+def _integer(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)

@@ -14,6 +14,7 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -177,11 +178,11 @@ def check_basis(basis: ModuleBasis, meta: dict, where: str) -> None:
         raise CsuloraError(f"{where}: negative singular values")
 
 
-def _check_module_metadata(meta, where: str) -> None:
-    def count(value) -> bool:
+def _check_module_metadata(meta: Any, where: str) -> None:
+    def count(value: Any) -> bool:
         return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
-    def number(value) -> bool:
+    def number(value: Any) -> bool:
         return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
 
     if not (
@@ -195,7 +196,7 @@ def _check_module_metadata(meta, where: str) -> None:
         raise CsuloraError(f"{where}: corrupt metadata {json.dumps(meta)[:200]}")
 
 
-def is_sha256(value) -> bool:
+def is_sha256(value: Any) -> bool:
     """A sha256 as csulora records it: 64 lowercase hex digits."""
     return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -44,7 +46,7 @@ SPECIAL_TOKENS = ["<pad>", "<s>", EOS]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def train_tokenizer(texts: list[str], vocab_size: int):
+def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
     """A byte-level BPE (no unknown tokens, exact round trip) with the lab's chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -72,7 +74,7 @@ class ModelShape:
     intermediate: int
 
 
-def new_model(tokenizer, shape: ModelShape, seed: int):
+def new_model(tokenizer: Any, shape: ModelShape, seed: int) -> Any:
     """A randomly initialised Llama (seeded) sized by ``shape``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -94,7 +96,10 @@ def new_model(tokenizer, shape: ModelShape, seed: int):
 
 
 def encode(
-    tokenizer, examples: list[Example], prompt_format=format_prompt, end_id: int | None = None
+    tokenizer: Any,
+    examples: list[Example],
+    prompt_format: Callable[[str], str] = format_prompt,
+    end_id: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(input_ids, labels)`` right-padded; the loss sees only the response and its end token.
 
@@ -137,17 +142,17 @@ def learning_rate(step: int, schedule: Schedule) -> float:
 
 
 def fit(
-    model,
-    tokenizer,
+    model: Any,
+    tokenizer: Any,
     examples: list[Example],
     schedule: Schedule,
     seed: int,
     desc: str,
     progress: bool = True,
-    prompt_format=format_prompt,
+    prompt_format: Callable[[str], str] = format_prompt,
     end_id: int | None = None,
     precision: str = "float32",
-):
+) -> float:
     """Train the model's trainable parameters on ``examples`` (epochs in a seeded order).
 
     The attention mask comes from each row's length, not from the pad token: a real chat model's pad
@@ -186,7 +191,7 @@ def fit(
     return float(loss.detach())
 
 
-def add_lora(model, rank: int, alpha: float, seed: int):
+def add_lora(model: Any, rank: int, alpha: float, seed: int) -> Any:
     """Wrap ``model`` in a PEFT LoRA on every linear projection (the usual attack setting)."""
     from peft import LoraConfig, get_peft_model
 

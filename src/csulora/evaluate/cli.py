@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 from pathlib import Path
@@ -29,7 +30,7 @@ def quiet_libraries() -> None:
     transformers_logging.disable_progress_bar()
 
 
-def cmd_eval(args) -> int:
+def cmd_eval(args: argparse.Namespace) -> int:
     from ..errors import CsuloraError
     from ..extras import require_extra
     from .prompts import load_prompts, load_tasks
@@ -52,7 +53,9 @@ def cmd_eval(args) -> int:
         return _run_eval(args, prompts, tasks, extra)
 
 
-def _run_eval(args, prompts: list[str], task_items: list[tuple[str, str]] | None, extra: list[str]) -> int:
+def _run_eval(
+    args: argparse.Namespace, prompts: list[str], task_items: list[tuple[str, str]] | None, extra: list[str]
+) -> int:
     from .pipeline import Generation, TaskSet, generate_and_judge
 
     headline = args.judge or ("classifier" if args.classifier else "keyword")
@@ -87,7 +90,7 @@ def _run_eval(args, prompts: list[str], task_items: list[tuple[str, str]] | None
     return 0
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="attack success rate of a model (optionally with an adapter) on harmful prompts")
     p.add_argument("model", help="causal LM: local directory or Hub id")
     p.add_argument("--adapter", help="PEFT adapter directory to load on the model")

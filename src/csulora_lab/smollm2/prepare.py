@@ -13,6 +13,7 @@ import json
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from csulora.errors import CsuloraError
 from csulora.safe_output import atomic_dir, atomic_file
@@ -24,7 +25,7 @@ BASE_DTYPE = "float32"
 SHARD_SIZE = "200MB"
 
 
-def load_gguf(gguf: Path):
+def load_gguf(gguf: Path) -> tuple[Any, Any]:
     """``(model, tokenizer)`` dequantized from a GGUF file, as plain float32 ``nn.Linear`` weights."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -40,7 +41,7 @@ def load_gguf(gguf: Path):
     return model.eval(), tokenizer
 
 
-def as_plain_checkpoint(model) -> None:
+def as_plain_checkpoint(model: Any) -> None:
     """Forget that ``model`` came from a GGUF, so ``save_pretrained`` writes plain safetensors.
 
     transformers keeps a GGUF quantizer on the model and a ``quantization_config`` in its config and

@@ -196,7 +196,7 @@ def _alignment_line(models: dict, verdict_: dict) -> str:
     )
 
 
-def _fmt(value) -> str:
+def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 

@@ -25,7 +25,7 @@ from csulora.safe_output import atomic_dir, atomic_file
 
 from ..machine import environment, peak_rss_mb
 from ..sweep import CorrectionInputs, correct_all, lab_sweep
-from ..train import ModelShape, Schedule, format_prompt
+from ..train import Example, ModelShape, Schedule, format_prompt
 from .world import World, WorldSizes, build_world
 
 # Bump when the world or the training code changes in a way that changes the artifacts.
@@ -216,7 +216,7 @@ def evaluate_checkpoint(model_dir: Path, adapter: Path | None, world: World, con
     from csulora.evaluate.judges import KeywordJudge, StrictKeywordJudge
     from csulora.evaluate.pipeline import Generation, TaskSet, generate_and_judge
 
-    def task(name: str, examples) -> TaskSet:
+    def task(name: str, examples: list[Example]) -> TaskSet:
         return TaskSet(name, [(ex.prompt, ex.response) for ex in examples], scoring="exact")
 
     result = generate_and_judge(
@@ -230,7 +230,9 @@ def evaluate_checkpoint(model_dir: Path, adapter: Path | None, world: World, con
     return {name: result[name] for name in ("asr", "asr_strict", "utility", "general")}
 
 
-def evaluate_all(config: LabConfig, world: World, art: Artifacts, runs: list[dict], *, quiet: bool = False):
+def evaluate_all(
+    config: LabConfig, world: World, art: Artifacts, runs: list[dict], *, quiet: bool = False
+) -> tuple[dict, list[dict]]:
     """Metrics of the three reference models and of every corrected adapter."""
     from csulora.evaluate.metrics import relative_metrics
 
@@ -285,7 +287,7 @@ def run_lab(
             hf_logging.enable_progress_bar()
 
 
-def _run_lab(out, size, seed, *, quiet, config) -> dict:
+def _run_lab(out: str | Path, size: str, seed: int, *, quiet: bool, config: LabConfig | None) -> dict:
     from .report import plot_frontier, verdict, write_report
 
     config = config or lab_config(size, seed)
@@ -303,7 +305,7 @@ def _run_lab(out, size, seed, *, quiet, config) -> dict:
     diagnostic = attack_diagnostic(art)
     runs = correct_all(sweep(config), art, out / "adapters", quiet=quiet)
     models, results = evaluate_all(config, world, art, runs, quiet=quiet)
-    document = {
+    document: dict[str, Any] = {
         "config": asdict(config) | {"csulora_version": __version__, "lab_version": LAB_VERSION},
         "models": models,
         "runs": results,
