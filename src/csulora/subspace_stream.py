@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
+from ._version import __version__
 from .adapter import Adapter, load_adapter
 from .checkpoint import Checkpoint
 from .device import resolve_device
