@@ -189,7 +189,7 @@ def test_fallback_replacement_without_exchange(tmp_path, llama_adapter, subspace
     assert dotfiles(tmp_path) == []
 
 
-@pytest.mark.parametrize("command", ["correct", "subspace"])
+@pytest.mark.parametrize("command", ["correct", "subspace", "inspect"])
 def test_the_output_is_checked_once_then_written_under_that_reservation(
     command, tmp_path, llama_pair, llama_adapter, subspace_file, monkeypatch
 ):
@@ -208,6 +208,9 @@ def test_the_output_is_checked_once_then_written_under_that_reservation(
     base, aligned = llama_pair
     if command == "correct":
         argv = ["correct", llama_adapter, "-o", tmp_path / "out", "--subspace", subspace_file, "-q"]
+    elif command == "inspect":
+        pytest.importorskip("matplotlib")
+        argv = ["inspect", llama_adapter, "--subspace", subspace_file, "--plot", tmp_path / "p.png", "--json"]
     else:
         argv = ["subspace", "--base", base, "--aligned", aligned, "--adapter", llama_adapter, "-o", tmp_path / "s"]
     assert main([str(a) for a in argv + ["-q"]]) == 0

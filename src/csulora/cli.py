@@ -224,7 +224,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         reserve_output(args.plot, force=args.force, owned=is_png, inputs=inputs)
         if args.plot
         else contextlib.nullcontext()
-    ):
+    ) as reserved:
         diagnostic = alignment_diagnostic(args.adapter, source, progress=not args.quiet)
         rows = diagnostic["modules"]
         if args.plot:
@@ -233,7 +233,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                 if args.subspace
                 else f"base {args.base}, aligned {args.aligned or 'from adapter'}"
             )
-            plot_decomposition(rows, args.plot, title=f"adapter {args.adapter}  |  {pair}", force=args.force)
+            assert reserved is not None  # reserved above whenever --plot is given
+            plot_decomposition(rows, reserved, title=f"adapter {args.adapter}  |  {pair}")
     if args.json:
         print(strict_json(diagnostic))
     else:

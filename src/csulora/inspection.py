@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .adapter import Adapter, load_adapter
 from .correct import SignedOverlap, combined_overlap, decompose, signed_overlap
-from .safe_output import atomic_file
+from .safe_output import Output, ReservedOutput, atomic_file
 from .sources import AdapterSubspace, BasisSource
 from .subspace_stream import warn_unaligned
 from .threads import torch_threads
@@ -198,7 +198,7 @@ def decomposition_grid(rows: list[dict]) -> tuple[list[str], list[str], dict[str
     return labels, columns, grid
 
 
-def plot_decomposition(rows: list[dict], path: str | Path, *, title: str = "", force: bool = False) -> Path:
+def plot_decomposition(rows: list[dict], path: Output, *, title: str = "", force: bool = False) -> Path:
     """Layer x module-type heatmaps as a PNG: rho_f / rho_h / rho_o on one colour scale, then the
     signed figures (opposing_share on 0..1, signed_overlap on a scale symmetric about 0).
 
@@ -243,8 +243,7 @@ def plot_decomposition(rows: list[dict], path: str | Path, *, title: str = "", f
     summary = ", ".join(f"{key} {figures[key]:.3f}" for key, _ in panels)
     heading = "LoRA update decomposition and signed overlap with V, by layer and module type"
     fig.suptitle(f"{heading}\n{title}\nall {len(rows)} modules, energy-weighted: {summary}", fontsize=10)
-    path = Path(path)
-    with atomic_file(path, force=force, owned=is_png) as tmp:
+    with atomic_file(path, force=force, owned=is_png) as tmp:  # a reserved output is not checked again
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
-    return path
+    return Path(path.shown if isinstance(path, ReservedOutput) else path)

@@ -7,7 +7,7 @@ import contextlib
 import json
 from pathlib import Path
 
-from ..safe_output import atomic_file, reserve_output
+from ..safe_output import ReservedOutput, atomic_file, reserve_output
 from .judges import JUDGES, build_judge, load_keywords
 from .metrics import SCORINGS
 
@@ -49,13 +49,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
         reserve_output(args.out, force=args.force, owned=is_eval_result, inputs=inputs)
         if args.out is not None
         else contextlib.nullcontext()
-    ):
-        return _run_eval(args, prompts, tasks, extra)
+    ) as reserved:
+        return _run_eval(args, prompts, tasks, extra, reserved)
 
 
 def _run_eval(
-    args: argparse.Namespace, prompts: list[str], task_items: list[tuple[str, str]] | None, extra: list[str]
+    args: argparse.Namespace,
+    prompts: list[str],
+    task_items: list[tuple[str, str]] | None,
+    extra: list[str],
+    reserved: ReservedOutput | None,
 ) -> int:
+    """Generate, judge, print; the results go to ``reserved`` (``--out``, checked once before any work)."""
     from .pipeline import Generation, TaskSet, generate_and_judge
 
     headline = args.judge or ("classifier" if args.classifier else "keyword")
@@ -78,8 +83,8 @@ def _run_eval(
     result["prompts"] = str(args.prompts)
     if args.classifier:
         result["classifier"] = str(args.classifier)
-    if args.out is not None:
-        with atomic_file(args.out, force=args.force, owned=is_eval_result) as tmp:
+    if reserved is not None:
+        with atomic_file(reserved) as tmp:
             tmp.write_text(json.dumps(result, indent=2) + "\n")
     others = ", ".join(f"{n} {result[f'asr_{n}']:.3f}" for n in names[1:])
     print(f"ASR {result['asr']:.3f} on {result['n']} prompts ({headline} judge; {others}; {result['precision']})")
