@@ -229,13 +229,13 @@ def test_subspace_settings_are_declared_like_a_methods_and_their_flags_generated
     from csulora.settings import setting_specs
 
     for bad, message in [
-        ({"energy": 0.0}, r"--energy must be in \(0, 1\], got 0.0"),
-        ({"energy": 1.5}, r"--energy must be in \(0, 1\], got 1.5"),
-        ({"energy": float("nan")}, r"--energy must be in \(0, 1\], got nan"),
-        ({"rank": 0}, "--rank must be >= 1, got 0"),
-        ({"max_rank": 0}, "--max-rank must be >= 1, got 0"),
-        ({"oversample": -1}, "--oversample must be >= 0, got -1"),
-        ({"power_iters": -1}, "--power-iters must be >= 0, got -1"),
+        ({"energy": 0.0}, r"energy=\.\.\. must be in \(0, 1\], got 0.0"),
+        ({"energy": 1.5}, r"energy=\.\.\. must be in \(0, 1\], got 1.5"),
+        ({"energy": float("nan")}, r"energy=\.\.\. must be in \(0, 1\], got nan"),
+        ({"rank": 0}, r"rank=\.\.\. must be >= 1, got 0"),
+        ({"max_rank": 0}, r"max_rank=\.\.\. must be >= 1, got 0"),
+        ({"oversample": -1}, r"oversample=\.\.\. must be >= 0, got -1"),
+        ({"power_iters": -1}, r"power_iters=\.\.\. must be >= 0, got -1"),
     ]:
         with pytest.raises(CsuloraError, match=message):
             SubspaceSettings(**bad)

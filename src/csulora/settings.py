@@ -63,29 +63,30 @@ class SettingSpec:
         )
 
     def check(self, value: Any) -> None:
-        """Raise a one-line ``CsuloraError`` naming the flag when ``value`` is out of bounds."""
+        """Raise a one-line ``CsuloraError`` naming the setting (``lam=...``, which the CLI prints as ``--lam``)
+        when ``value`` is out of bounds."""
         if value is None and self.optional:
             return
         if self.choices is not None:
             if value not in self.choices:
                 options = " or ".join(repr(c) for c in self.choices)
-                raise CsuloraError(f"{self.flag} must be {options}, got {value!r}")
+                raise CsuloraError(f"{self.name}=... must be {options}, got {value!r}")
             return
         if self.type in (int, float) and (isinstance(value, bool) or not isinstance(value, int | float)):
-            raise CsuloraError(f"{self.flag} must be a number, got {value!r}")
+            raise CsuloraError(f"{self.name}=... must be a number, got {value!r}")
         if self.type is str and not isinstance(value, str):
-            raise CsuloraError(f"{self.flag} must be a string, got {value!r}")
+            raise CsuloraError(f"{self.name}=... must be a string, got {value!r}")
         # NaN is out of bounds too: every comparison with it is false
         above = self.minimum is None or (value > self.minimum if self.open_minimum else value >= self.minimum)
         out_of_bounds = not above or (self.maximum is not None and not value <= self.maximum)
         if (self.finite and not math.isfinite(value)) or out_of_bounds:
             if self.maximum is not None:
                 low = "(" if self.open_minimum else "["
-                raise CsuloraError(f"{self.flag} must be in {low}{self.minimum:g}, {self.maximum:g}], got {value}")
+                raise CsuloraError(f"{self.name}=... must be in {low}{self.minimum:g}, {self.maximum:g}], got {value}")
             if self.minimum is None:
-                raise CsuloraError(f"{self.flag} must be finite, got {value}")
+                raise CsuloraError(f"{self.name}=... must be finite, got {value}")
             number = "a finite number >= " if self.finite else ">= "
-            raise CsuloraError(f"{self.flag} must be {number}{self.minimum:g}, got {value}")
+            raise CsuloraError(f"{self.name}=... must be {number}{self.minimum:g}, got {value}")
 
 
 def setting_specs(settings_class: type) -> tuple[SettingSpec, ...]:
