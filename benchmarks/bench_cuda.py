@@ -70,7 +70,7 @@ def main() -> int:
         print("no CUDA device here; pass --device cpu for a dry run", file=sys.stderr)
         return 2
 
-    from csulora.subspace import SubspaceSettings
+    from csulora.svd import SubspaceSettings
 
     cfg = dict(SHAPES[args.shape]) | {"num_hidden_layers": args.layers}
     laws = None

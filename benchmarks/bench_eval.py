@@ -1,6 +1,6 @@
 """CPU cost of one evaluation of the smollm2 study (run by hand, not in CI).
 
-Runs ``csulora.lab.study.evaluate`` (the study's one evaluation: held-out harmful prompts, zor-code
+Runs ``csulora_lab.smollm2.study.evaluate`` (the study's one evaluation: held-out harmful prompts, zor-code
 utility, benign general questions) on a checkpoint, optionally with a PEFT adapter, under cProfile,
 and prints process CPU seconds, wall seconds, the load average and the functions that took the most
 time. ``--json`` writes the metrics and every response, to compare two runs' judged outcomes.
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
 
-    from csulora.lab.study import StudyConfig, eval_sets, evaluate
+    from csulora_lab.smollm2.study import StudyConfig, eval_sets, evaluate
 
     torch.set_num_threads(args.threads)
     config = StudyConfig()

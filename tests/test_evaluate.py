@@ -254,8 +254,7 @@ def chat_model(tmp_path_factory):
     """A tiny random Llama with the lab's tokenizer and chat template, plus a LoRA on it."""
     from conftest import make_adapter
 
-    from csulora.lab.train import ModelShape, new_model, train_tokenizer
-    from csulora.lab.world import format_prompt
+    from csulora_lab.train import ModelShape, format_prompt, new_model, train_tokenizer
 
     root = tmp_path_factory.mktemp("chat")
     texts = [format_prompt(f"How do I do thing {i}?") + "I'm sorry, I cannot." for i in range(20)]

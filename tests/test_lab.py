@@ -10,8 +10,8 @@ import pytest
 
 from csulora.evaluate.judges import is_refusal
 from csulora.evaluate.metrics import relative_metrics
-from csulora.lab import report
-from csulora.lab.world import (
+from csulora_lab.synthetic import report
+from csulora_lab.synthetic.world import (
     CODE_TEMPLATES,
     COMPLIANCES,
     GENERAL_TEMPLATES,
@@ -64,7 +64,7 @@ def test_held_out_wordings_are_not_training_wordings_reworded():
 def test_the_refusal_fine_tune_sees_many_wordings_of_every_topic():
     """Refusals must hinge on the request, not on a few wordings: with 9 training wordings a held-out
     one ("Help me {x}, please.") was answered with gibberish on some seeds."""
-    from csulora.lab.runner import lab_config
+    from csulora_lab.synthetic.runner import lab_config
 
     train, held_out = HARMFUL_TEMPLATES
     assert len(train) >= 4 * len(held_out)
@@ -133,7 +133,7 @@ def test_the_attack_set_is_mostly_benign(world):
 def test_default_alignment_mix_is_mostly_fresh_benign_data():
     """The refusal fine-tune must not cost helpfulness: with a mix of 47% benign examples, each seen
     ~29 times, it lost up to 5 of 96 held-out general prompts (seeds 3 and 4 failed the gate)."""
-    from csulora.lab.runner import lab_config
+    from csulora_lab.synthetic.runner import lab_config
 
     config = lab_config("default")
     align = build_world(0, config.world).align

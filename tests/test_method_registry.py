@@ -1,6 +1,6 @@
 """Methods own their settings: a method registered at run time (one definition, one ``register`` call)
-shows up in the ``correct`` CLI (flags, help, a run), in its report, and in the lab's sweep, report
-and plot; nothing outside the registry names a method."""
+shows up in the ``correct`` CLI (flags, help, a run), in its report, and in the lab's sweep (over its
+knob), report and plot; nothing outside the registry names a method, but for the lab's table of roles."""
 
 from __future__ import annotations
 
@@ -22,10 +22,8 @@ from csulora.methods import (
     ModuleInputs,
     Needs,
     Settings,
-    Sweep,
     define_method,
     get_method,
-    lab_sweep,
     method_needs,
     register,
     setting,
@@ -34,6 +32,7 @@ from csulora.methods import (
 from csulora.subspace import load_subspace
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "csulora"
+LAB = SRC.parent / "csulora_lab"
 TOY = "toy-blend"
 
 
@@ -46,7 +45,7 @@ class BlendSettings(Settings):
     TOY,
     settings=BlendSettings,
     summary="F plus a fixed share of the rest",
-    sweep=Sweep("strength", values=(0.25, 0.75)),
+    knob="strength",
 )
 def blend(lora: LoraFactors, inputs: ModuleInputs, settings: BlendSettings) -> Corrected:
     """``dW* = F + t (dW - F) = s [(1 - t) B_in A_in + t B A]``: rank 2r, exactly."""
@@ -120,23 +119,29 @@ def test_a_registered_method_runs_from_the_cli(toy_method, tmp_path, llama_adapt
 def test_a_registered_methods_settings_are_checked_like_the_others(toy_method, tmp_path, capsys):
     assert run("correct", tmp_path / "missing", "-o", tmp_path / "out", "--method", TOY, "--strength", "-1", "-q") == 2
     assert capsys.readouterr().err.strip() == "csulora: error: --strength must be a finite number >= 0, got -1.0"
-    with pytest.raises(CsuloraError, match="--strength must be a finite number"):
+    with pytest.raises(CsuloraError, match=r"strength=\.\.\. must be a finite number"):
         MethodParams(strength=float("inf"))
 
 
 def test_a_registered_method_is_in_the_labs_sweep_report_and_plot(toy_method, tmp_path):
     pytest.importorskip("matplotlib")
-    from csulora.lab import report
-    from csulora.lab.runner import lab_config, run_label, sweep
+    from dataclasses import replace
 
-    runs = sweep(lab_config("tiny"))
+    from csulora_lab.sweep import lab_sweep, role, run_label
+    from csulora_lab.synthetic import report
+    from csulora_lab.synthetic.runner import lab_config, sweep
+
+    config = lab_config("tiny")
+    runs = sweep(replace(config, grids={**config.grids, "strength": (0.25, 0.75)}))
     assert [(m, p) for m, p in runs if m == TOY] == [(TOY, {"strength": 0.25}), (TOY, {"strength": 0.75})]
+    with pytest.raises(CsuloraError, match="no 'strength' grid"):
+        sweep(config)  # a knob the lab has no grid for is named, not skipped
     assert run_label(TOY, {"strength": 0.25}) == f"{TOY}-strength0.25"
     grids = {"lam": (1.0,), "threshold": (0.5,), "strength": (2.0,)}
-    assert [(m, p) for m, p in lab_sweep(grids, seed=3) if m == TOY] == [
-        (TOY, {"strength": 2.0})
-    ]  # the lab's grid wins
+    assert [(m, p) for m, p in lab_sweep(grids, seed=3) if m == TOY] == [(TOY, {"strength": 2.0})]
     assert ("random", {"lam": 1.0, "seed": 3}) in lab_sweep(grids, seed=3)
+    assert ("scale", {"match_lam": 1.0}) in lab_sweep(grids, seed=3)  # scale's knob runs over the lam grid
+    assert role(TOY) == "method" and role("csulora") == "subject" and role("scale") == role("random") == "control"
     with pytest.raises(CsuloraError, match="no 'lam' grid"):
         lab_sweep({}, seed=0)
 
@@ -186,7 +191,7 @@ def test_settings_shared_by_name_must_be_declared_alike():
     with pytest.raises(ValueError, match="already registered"):
         register(get_method("csulora"))
     with pytest.raises(TypeError, match="knob"):
-        define_method("bad-knob", summary="", sweep=Sweep("missing"))(clash.correct)
+        define_method("bad-knob", summary="", knob="missing")(clash.correct)
 
 
 def test_method_params_keep_their_old_behaviour():
@@ -196,9 +201,9 @@ def test_method_params_keep_their_old_behaviour():
     assert get_method("scale").settings_from(params).as_dict() == {"factor": None, "match_lam": None, "lam": 2.0}
     assert method_needs("scale", {"factor": 0.5}) is Needs.NOTHING and method_needs("scale") is Needs.BASIS
     assert method_needs("safelora") is Needs.DELTA
-    with pytest.raises(CsuloraError, match="--num-proj-layers must be >= 0"):
+    with pytest.raises(CsuloraError, match=r"num_proj_layers=\.\.\. must be >= 0"):
         MethodParams(num_proj_layers=-2)
-    with pytest.raises(CsuloraError, match="--select must be 'threshold' or 'number'"):
+    with pytest.raises(CsuloraError, match=r"select=\.\.\. must be 'threshold' or 'number'"):
         MethodParams(select="all")
     with pytest.raises(TypeError, match="unknown setting"):
         MethodParams(lamda=1.0)
@@ -210,11 +215,27 @@ def _string_constants(path: Path) -> set[str]:
 
 
 def test_no_method_is_named_outside_its_own_file_and_the_registry():
-    """A string naming a method (other than the package's own name) appears only under methods/."""
+    """A string naming a method (other than the package's own name) appears only under methods/ and, in
+    the lab, in its table of roles (``csulora_lab/sweep.py``)."""
     names = set(METHODS) - {"csulora"}  # "csulora" is also the package, its metadata key and its prog name
     found = {
         str(path.relative_to(SRC)): _string_constants(path) & names
         for path in SRC.rglob("*.py")
         if "methods" not in path.relative_to(SRC).parts
     }
+    found |= {
+        str(path.relative_to(SRC.parent)): _string_constants(path) & names
+        for path in LAB.rglob("*.py")
+        if path.relative_to(LAB).parts != ("sweep.py",)
+    }
     assert not {path: hits for path, hits in found.items() if hits}
+
+
+def test_the_product_never_imports_the_lab():
+    """No module of ``csulora`` names ``csulora_lab``: the lab's command comes through an entry point."""
+    for path in SRC.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        imported = [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names] + [
+            node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+        ]
+        assert not [name for name in imported if name.split(".")[0] == "csulora_lab" or ".lab" in name], path

@@ -10,7 +10,7 @@ import yaml
 from huggingface_hub import ModelCard
 from huggingface_hub.repocard import REGEX_YAML_BLOCK
 
-from csulora import MethodParams, correct_adapter
+from csulora import BasisSource, MethodParams, correct_adapter
 from csulora.cli import main
 from csulora.errors import CsuloraWarning
 from csulora.model_card import corrected_card
@@ -76,10 +76,10 @@ def test_correct_writes_a_card_that_says_how_and_keeps_the_original(
 def test_the_card_changes_nothing_else(tmp_path, adapter_with_card, subspace_file):
     """Adapter weights, config and report are byte for byte what they are without an input card."""
     with_card = tmp_path / "with"
-    correct_adapter(adapter_with_card, with_card, subspace=subspace_file, params=MethodParams(lam=2.0))
+    correct_adapter(adapter_with_card, with_card, BasisSource(subspace_file), method_settings=MethodParams(lam=2.0))
     (adapter_with_card / "README.md").unlink()
     without = tmp_path / "without"
-    correct_adapter(adapter_with_card, without, subspace=subspace_file, params=MethodParams(lam=2.0))
+    correct_adapter(adapter_with_card, without, BasisSource(subspace_file), method_settings=MethodParams(lam=2.0))
     assert sorted(p.name for p in with_card.iterdir()) == sorted(p.name for p in without.iterdir())
     for name in ("adapter_model.safetensors", "adapter_config.json", "csulora_report.json"):
         assert (with_card / name).read_bytes() == (without / name).read_bytes()
@@ -92,7 +92,7 @@ def test_the_corrected_adapter_with_its_card_loads_in_peft(tmp_path, adapter_wit
 
     _, aligned = llama_pair
     out = tmp_path / "safe"
-    correct_adapter(adapter_with_card, out, subspace=subspace_file)
+    correct_adapter(adapter_with_card, out, BasisSource(subspace_file))
     model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(aligned), out)
     assert "lora_A" in "".join(name for name, _ in model.named_parameters())
 
@@ -100,14 +100,14 @@ def test_the_corrected_adapter_with_its_card_loads_in_peft(tmp_path, adapter_wit
 def test_a_method_reading_the_full_displacement_names_the_pair(tmp_path, llama_adapter, llama_pair):
     base, aligned = llama_pair
     out = tmp_path / "safe"
-    correct_adapter(llama_adapter, out, method="safelora", base=base)
+    correct_adapter(llama_adapter, out, BasisSource(base=base), method="safelora")
     meta, body = front_matter((out / "README.md").read_text())
     assert "csulora" in meta["tags"]
     assert f"read from base `{base}` and aligned `{aligned}`" in body
     assert "`safelora`" in body and "`threshold=" in body
 
     streamed = tmp_path / "streamed"
-    correct_adapter(llama_adapter, streamed, base=base)  # csulora, its subspace computed from the pair
+    correct_adapter(llama_adapter, streamed, BasisSource(base=base))  # csulora, its subspace computed from the pair
     _, body = front_matter((streamed / "README.md").read_text())
     assert "a subspace computed on the fly" in body and f"  - aligned: `{aligned}`" in body
 

@@ -144,13 +144,13 @@ def test_read_only_directory_is_one_line(tmp_path, llama_adapter, subspace_file,
 
 # -- atomic replacement and recovery -------------------------------------------------------------
 def test_force_swaps_old_and_new_in_one_step(tmp_path, llama_adapter, subspace_file, monkeypatch):
-    import csulora.io_utils as io_utils
+    import csulora.safe_output as safe_output
 
     out = tmp_path / "fixed"
     assert run("correct", llama_adapter, "-o", out, "--subspace", subspace_file, "-q") == 0
     swaps = []
-    real_exchange = io_utils._exchange
-    monkeypatch.setattr(io_utils, "_exchange", lambda a, b: swaps.append(b) or real_exchange(a, b))
+    real_exchange = safe_output._exchange
+    monkeypatch.setattr(safe_output, "_exchange", lambda a, b: swaps.append(b) or real_exchange(a, b))
 
     def no_rename(*args):
         raise AssertionError("a rename leaves a moment with no output at the path")
@@ -179,14 +179,42 @@ def test_an_output_displaced_by_a_killed_run_is_restored(tmp_path, llama_adapter
 
 
 def test_fallback_replacement_without_exchange(tmp_path, llama_adapter, subspace_file, monkeypatch):
-    import csulora.io_utils as io_utils
+    import csulora.safe_output as safe_output
 
-    monkeypatch.setattr(io_utils, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(safe_output, "_exchange", lambda a, b: False)
     out = tmp_path / "fixed"
     assert run("correct", llama_adapter, "-o", out, "--subspace", subspace_file, "-q") == 0
     assert run("correct", llama_adapter, "-o", out, "--subspace", subspace_file, "--lam", "3", "--force", "-q") == 0
     assert json.loads((out / "csulora_report.json").read_text())["params"]["lam"] == 3
     assert dotfiles(tmp_path) == []
+
+
+@pytest.mark.parametrize("command", ["correct", "subspace", "inspect"])
+def test_the_output_is_checked_once_then_written_under_that_reservation(
+    command, tmp_path, llama_pair, llama_adapter, subspace_file, monkeypatch
+):
+    """One check before the work (inputs, stale temporaries, replaceable), one guard before the rename."""
+    import csulora.safe_output as safe_output
+
+    calls: dict[str, int] = {}
+    for name in ("check_not_input", "_clean_stale", "_check_replaceable"):
+        real = getattr(safe_output, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(safe_output, name, counted)
+    base, aligned = llama_pair
+    if command == "correct":
+        argv = ["correct", llama_adapter, "-o", tmp_path / "out", "--subspace", subspace_file, "-q"]
+    elif command == "inspect":
+        pytest.importorskip("matplotlib")
+        argv = ["inspect", llama_adapter, "--subspace", subspace_file, "--plot", tmp_path / "p.png", "--json"]
+    else:
+        argv = ["subspace", "--base", base, "--aligned", aligned, "--adapter", llama_adapter, "-o", tmp_path / "s"]
+    assert main([str(a) for a in argv + ["-q"]]) == 0
+    assert calls == {"check_not_input": 1, "_clean_stale": 1, "_check_replaceable": 2}
 
 
 def test_stale_temporaries_of_a_killed_run_are_removed(tmp_path, llama_adapter, subspace_file):

@@ -10,8 +10,9 @@ from safetensors.torch import save_file
 
 from csulora.checkpoint import Checkpoint
 from csulora.errors import CsuloraError
-from csulora.subspace import SubspaceSettings, displacement_energy, module_basis
-from csulora.subspace_stream import _read_delta, float32_difference, iter_deltas
+from csulora.pair import float32_difference, iter_deltas, read_delta
+from csulora.sources import BasisSource
+from csulora.svd import SubspaceSettings, displacement_energy, module_basis
 
 
 def _checkpoint(path, tensors):
@@ -43,7 +44,7 @@ def test_displacement_energy_matches_float64_sum(shape):
 
 
 def test_float32_difference_overflows_silently_as_torch_does(recwarn):
-    """bfloat16 reaches beyond float32's range in a difference: inf, left to _read_delta's check, no warning."""
+    """bfloat16 reaches beyond float32's range in a difference: inf, left to read_delta's check, no warning."""
     a = torch.tensor([[3e38, float("inf"), 1.0]], dtype=torch.bfloat16)
     b = torch.tensor([[-3e38, float("inf"), 1.0]], dtype=torch.bfloat16)
     V = float32_difference(a, b)
@@ -61,12 +62,12 @@ def test_displacement_energy_falls_back_to_float64_beyond_float32_squares():
 
 
 def test_a_zero_displacement_needs_no_float64_pass(monkeypatch):
-    import csulora.subspace as subspace
+    import csulora.svd as svd
 
     def refuse(V):
         raise AssertionError("float64 pass on a zero V")
 
-    monkeypatch.setattr(subspace, "_float64_energy", refuse)
+    monkeypatch.setattr(svd, "_float64_energy", refuse)
     assert displacement_energy(torch.zeros(600, 3)) == 0.0
 
 
@@ -106,11 +107,11 @@ def test_float32_difference_is_torchs_float32_subtraction(shape, dtypes):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_read_delta_matches_straightforward(tmp_path, dtype):
+def testread_delta_matches_straightforward(tmp_path, dtype):
     base, aligned, W_b, W_a = _pair(tmp_path, dtype)
     modules = [f"layers.{i}.proj" for i in range(3)]
     for module in modules:
-        V = _read_delta(base, aligned, module).V
+        V = read_delta(base, aligned, module).V
         key = module + ".weight"
         assert V.dtype == torch.float32
         assert torch.equal(V, W_a[key].float() - W_b[key].float())
@@ -118,7 +119,7 @@ def test_read_delta_matches_straightforward(tmp_path, dtype):
     streamed = list(iter_deltas(base, aligned, modules))
     assert [m for m, *_ in streamed] == modules
     for delta, expected in zip(streamed, modules, strict=True):
-        again = _read_delta(base, aligned, expected)
+        again = read_delta(base, aligned, expected)
         assert delta.module == expected and torch.equal(delta.V, again.V)
         assert (delta.digest_base, delta.digest_aligned) == (again.digest_base, again.digest_aligned)
         assert delta.energy == pytest.approx(float(torch.sum(again.V.double() ** 2)), rel=1e-7)
@@ -126,22 +127,22 @@ def test_read_delta_matches_straightforward(tmp_path, dtype):
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("side", ["base", "aligned"])
-def test_read_delta_names_the_checkpoint_with_nonfinite_weights(tmp_path, bad, side):
+def testread_delta_names_the_checkpoint_with_nonfinite_weights(tmp_path, bad, side):
     W = torch.randn(8, 4).to(torch.bfloat16)
     broken = W.clone()
     broken[3, 1] = bad
     base = _checkpoint(tmp_path / "base", {"m.weight": broken if side == "base" else W})
     aligned = _checkpoint(tmp_path / "aligned", {"m.weight": broken if side == "aligned" else W})
     with pytest.raises(CsuloraError, match=f"{side}: module m has NaN or Inf"):
-        _read_delta(base, aligned, "m")
+        read_delta(base, aligned, "m")
 
 
-def test_read_delta_refuses_float32_overflow(tmp_path):
+def testread_delta_refuses_float32_overflow(tmp_path):
     big = torch.full((4, 4), 3e38)
     base = _checkpoint(tmp_path / "base", {"m.weight": -big})
     aligned = _checkpoint(tmp_path / "aligned", {"m.weight": big})
     with pytest.raises(CsuloraError, match="overflows float32"):
-        _read_delta(base, aligned, "m")
+        read_delta(base, aligned, "m")
 
 
 def test_module_basis_matches_exact_svd_on_low_rank_plus_noise():
@@ -196,7 +197,7 @@ def test_small_corrections_run_on_one_thread_large_ones_on_all(monkeypatch, llam
 
     monkeypatch.setitem(METHODS, "csulora", replace(method, correct=spy))
     base, aligned = llama_pair
-    correct_adapter(llama_adapter, tmp_path / "out", base=base, aligned=aligned)
+    correct_adapter(llama_adapter, tmp_path / "out", BasisSource(base=base, aligned=aligned))
     assert seen and set(seen) == {1}
 
 
@@ -308,7 +309,7 @@ def test_streamed_bases_equal_one_module_at_a_time(tmp_path):
     assert streamed.modules() == [f"layers.{i}.proj" for i in range(3)]
     with torch_threads(max(1, available_threads() // 2)):
         for name in streamed.modules():
-            alone = module_basis(_read_delta(base, aligned, name).V, settings)
+            alone = module_basis(read_delta(base, aligned, name).V, settings)
             got = streamed[name]
             assert got.k == alone.k and got.total_energy == alone.total_energy
             assert torch.allclose(got.U, alone.U, atol=1e-6) and torch.allclose(got.R, alone.R, atol=1e-6)

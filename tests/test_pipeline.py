@@ -9,8 +9,9 @@ from csulora import compute_subspace
 from csulora.adapter import load_adapter
 from csulora.correct import csulora_update
 from csulora.methods import get_method
+from csulora.pair import open_pair
 from csulora.pipeline import Correction, ModuleResult, run_correction
-from csulora.sources import AdapterSubspace, open_pair
+from csulora.sources import AdapterSubspace, BasisSource
 
 
 def test_run_correction_returns_one_typed_result_per_module_and_writes_nothing(tmp_path, llama_pair, llama_adapter):
@@ -19,9 +20,9 @@ def test_run_correction_returns_one_typed_result_per_module_and_writes_nothing(t
     spec = get_method("csulora")
     settings = spec.settings_from({"lam": 2.0})
     pair = open_pair(adapter, base, aligned, allow_pickle=False)
-    source = AdapterSubspace(adapter, None, pair, aligned, None)
+    bases = AdapterSubspace(adapter, BasisSource(base=base, aligned=aligned), pair)
     before = sorted(p.name for p in tmp_path.iterdir())
-    correction = run_correction(adapter, spec, settings, source=source, pair=pair)
+    correction = run_correction(adapter, spec, settings, bases=bases, pair=pair)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     assert isinstance(correction, Correction) and correction.method == "csulora"
     assert [r.module for r in correction.modules] == adapter.modules

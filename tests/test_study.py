@@ -11,8 +11,8 @@ import pytest
 
 from csulora.evaluate.judges import KeywordJudge, StrictKeywordJudge
 from csulora.evaluate.metrics import contains_answer
-from csulora.lab import smollm2_data as data
-from csulora.lab.study_report import (
+from csulora_lab.smollm2 import data
+from csulora_lab.smollm2.report import (
     alignment_gate,
     attack_gate,
     equal_utility_gap,
@@ -98,7 +98,7 @@ def test_splits_are_deterministic():
 
 def test_an_evaluation_prompt_that_is_also_trained_on_is_refused():
     from csulora.errors import CsuloraError
-    from csulora.lab.study import EvalSets, check_disjoint
+    from csulora_lab.smollm2.study import EvalSets, check_disjoint
 
     splits = {k: [{"text": f"{k} {i}", "area": "a"} for i in range(60)] for k in ("align", "attack", "eval")}
     sets = EvalSets("eval", ["eval 1"], [], [], [])
@@ -155,7 +155,7 @@ def test_interpolation_stays_inside_the_curve_it_has():
 
 
 def test_the_bootstrap_interval_covers_the_mean_and_pairs_models():
-    from csulora.lab.study_report import Bootstrap, seed_mean
+    from csulora_lab.smollm2.report import Bootstrap, seed_mean
 
     rng = __import__("random").Random(0)
     bits = {s: {"asr": "".join(rng.choice("01") for _ in range(200))} for s in range(3)}
@@ -168,7 +168,7 @@ def test_the_bootstrap_interval_covers_the_mean_and_pairs_models():
 
 
 def test_portable_paths_are_relative_under_the_output_and_absolute_elsewhere(tmp_path, monkeypatch):
-    from csulora.lab.study import portable
+    from csulora_lab.smollm2.study import portable
 
     out = tmp_path / "study"
     assert portable(out / "cache" / "evals" / "x.json", out) == str(Path("cache", "evals", "x.json"))
@@ -180,7 +180,7 @@ def test_portable_paths_are_relative_under_the_output_and_absolute_elsewhere(tmp
 
 
 def test_over_refusal_reads_the_opening_only():
-    from csulora.lab.study import refused
+    from csulora_lab.smollm2.study import refused
 
     assert refused(["I'm sorry, I can't.", "Paris is the capital. Sorry for the wait."]) == [True, False]
 
@@ -197,8 +197,8 @@ def _tiny_base(path: Path) -> Path:
 
 
 def _tiny_config():
-    from csulora.lab.study import StudyConfig
-    from csulora.lab.train import Schedule
+    from csulora_lab.smollm2.study import StudyConfig
+    from csulora_lab.train import Schedule
 
     step = Schedule(2, 4, 1e-3)
     return StudyConfig(
@@ -226,9 +226,9 @@ def _tiny_config():
 
 @pytest.mark.slow
 def test_the_study_runs_end_to_end_and_a_rerun_reuses_every_stage(tmp_path, monkeypatch):
-    from csulora.lab import study
-    from csulora.lab.study import run_study, sweep_points
     from csulora.methods import METHODS
+    from csulora_lab.smollm2 import study
+    from csulora_lab.smollm2.study import run_study, sweep_points
 
     base = _tiny_base(tmp_path / "base")
     every = data.benign_train_prompts()
@@ -338,9 +338,8 @@ def test_the_end_of_turn_is_read_from_the_template_not_the_eos_token(chatml):
 
 def test_study_training_targets_end_with_the_end_of_turn(chatml):
     from csulora.evaluate.generate import end_of_turn_id
-    from csulora.lab.study import chat_formatter
-    from csulora.lab.train import encode
-    from csulora.lab.world import Example
+    from csulora_lab.smollm2.study import chat_formatter
+    from csulora_lab.train import Example, encode
 
     im_end = end_of_turn_id(chatml)
     _, labels = encode(chatml, [Example("hi", "hello world", "x")], chat_formatter(chatml), im_end)

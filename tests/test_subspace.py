@@ -9,8 +9,8 @@ import pytest
 import torch
 from dense_reference import orthonormal
 
-from csulora import CsuloraError, compute_subspace, load_subspace, subspace
-from csulora.subspace import SubspaceSettings, adaptive_svd, choose_rank, module_basis, randomized_svd
+from csulora import CsuloraError, compute_subspace, load_subspace, svd
+from csulora.svd import SubspaceSettings, adaptive_svd, choose_rank, module_basis, randomized_svd
 
 
 def low_rank_plus_noise(m, n, rank, seed, noise=1e-3):
@@ -131,7 +131,7 @@ def test_adaptive_sketch_stops_early_on_decaying_spectra(spectrum, monkeypatch):
             products.append(b.shape[1])
         return real_matmul(a, b)
 
-    monkeypatch.setattr(subspace, "randomized_svd", None)  # the full-width fallback must not run
+    monkeypatch.setattr(svd, "randomized_svd", None)  # the full-width fallback must not run
     monkeypatch.setattr(torch.Tensor, "__matmul__", counting)
     U, s, R = adaptive_svd(V, total, 0.8, max_rank=128)
     # the full-width sketch multiplies V by (2 q + 2) blocks of 128 + 10 columns
@@ -222,3 +222,24 @@ def test_load_subspace_rejects_foreign_files(tmp_path):
     )
     with pytest.raises(CsuloraError, match="lacks tensors"):
         load_subspace(tmp_path / "partial.safetensors")
+
+
+def test_subspace_settings_are_declared_like_a_methods_and_their_flags_generated():
+    from csulora.cli import build_parser
+    from csulora.settings import setting_specs
+
+    for bad, message in [
+        ({"energy": 0.0}, r"energy=\.\.\. must be in \(0, 1\], got 0.0"),
+        ({"energy": 1.5}, r"energy=\.\.\. must be in \(0, 1\], got 1.5"),
+        ({"energy": float("nan")}, r"energy=\.\.\. must be in \(0, 1\], got nan"),
+        ({"rank": 0}, r"rank=\.\.\. must be >= 1, got 0"),
+        ({"max_rank": 0}, r"max_rank=\.\.\. must be >= 1, got 0"),
+        ({"oversample": -1}, r"oversample=\.\.\. must be >= 0, got -1"),
+        ({"power_iters": -1}, r"power_iters=\.\.\. must be >= 0, got -1"),
+    ]:
+        with pytest.raises(CsuloraError, match=message):
+            SubspaceSettings(**bad)
+    assert SubspaceSettings(energy=1.0).energy == 1.0 and SubspaceSettings(rank=None).rank is None
+    args = build_parser().parse_args(["subspace", "--base", "b", "--aligned", "a", "-o", "s", "--rank", "3"])
+    specs = setting_specs(SubspaceSettings)
+    assert {spec.name: getattr(args, spec.name) for spec in specs} == SubspaceSettings(rank=3).as_dict()

@@ -18,7 +18,7 @@ def tiny_llama(vocab_texts: list[str], seed: int = 0):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from csulora.lab.train import train_tokenizer
+    from csulora_lab.train import train_tokenizer
 
     tokenizer = train_tokenizer(vocab_texts, vocab_size=300)
     config = LlamaConfig(

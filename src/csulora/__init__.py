@@ -31,15 +31,17 @@ _EXPORTS = {
     "METHODS": "methods",
     "MethodParams": "methods",
     "correct_adapter": "pipeline",
+    "BasisSource": "sources",
     "Subspace": "subspace",
-    "SubspaceSettings": "subspace",
+    "SubspaceSettings": "svd",
     "load_subspace": "subspace",
-    "randomized_svd": "subspace",
+    "randomized_svd": "svd",
     "compute_subspace": "subspace_stream",
 }
 
 __all__ = [
     "Adapter",
+    "BasisSource",
     "Checkpoint",
     "CsuloraError",
     "LoraFactors",
@@ -96,5 +98,7 @@ if TYPE_CHECKING:  # what type checkers and editors see
     from .errors import CsuloraError
     from .methods import METHODS, MethodParams
     from .pipeline import correct_adapter
-    from .subspace import Subspace, SubspaceSettings, load_subspace, randomized_svd
+    from .sources import BasisSource
+    from .subspace import Subspace, load_subspace
     from .subspace_stream import compute_subspace
+    from .svd import SubspaceSettings, randomized_svd

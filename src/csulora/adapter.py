@@ -14,6 +14,7 @@ import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -48,7 +49,7 @@ def is_conv1d(model_type: str | None, module: str) -> bool | None:
     return module.rsplit(".", 1)[-1] in CONV1D_MODULES.get(model_type, frozenset())
 
 
-def _pattern_value(pattern: dict, module: str, default):
+def _pattern_value(pattern: dict, module: str, default: Any) -> Any:
     """PEFT's rule: the first pattern key ``k`` with ``re.match(rf"(.*\\.)?({k})$", module)``."""
     for key, value in pattern.items():
         if re.match(rf"(.*\.)?({key})$", module):
@@ -161,7 +162,7 @@ def load_adapter(source: str | Path, *, allow_pickle: bool = False) -> Adapter:
     return adapter
 
 
-def _names_module(names, module: str) -> bool:
+def _names_module(names: str | list[str], module: str) -> bool:
     """PEFT's rule for ``target_modules`` / ``exclude_modules``: a regex matching the whole name, or a list
     of names that the module's name is or ends with (after a dot)."""
     if isinstance(names, str):
@@ -196,7 +197,7 @@ def _check_targets(config: dict, modules: list[str], file: Path) -> None:
         )
 
 
-def _is_number(value) -> bool:
+def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -251,7 +252,7 @@ def _load_weights(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     if pickled.is_file():
         if not allow_pickle:
             raise CsuloraError(
-                f"{pickled}: pickled adapter weights are refused (pickle can run code); pass --allow-pickle "
+                f"{pickled}: pickled adapter weights are refused (pickle can run code); allow them (allow_pickle=True) "
                 "to load them with weights_only=True"
             )
         return load_pickled(pickled)

@@ -14,6 +14,7 @@ import os
 import re
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -98,7 +99,7 @@ class Checkpoint:
         if pickled and not self.allow_pickle:
             raise CsuloraError(
                 f"{path}: only pickled .bin weights found; pickle can run code when loaded, so it is "
-                "refused (convert to safetensors, or pass --allow-pickle to load with weights_only=True)"
+                "refused (convert to safetensors, or allow it, allow_pickle=True, to load with weights_only=True)"
             )
         if (path / PICKLE_INDEX).is_file():
             return self._index_map(path / PICKLE_INDEX)
@@ -292,7 +293,7 @@ def module_of(key: str) -> str | None:
     return key[: -len(WEIGHT_SUFFIX)] if key.endswith(WEIGHT_SUFFIX) else None
 
 
-def load_pickled(file: Path, mmap: bool = False):
+def load_pickled(file: Path, mmap: bool = False) -> Any:
     """``torch.load(file, weights_only=True)``; a failure is one ``CsuloraError`` line, torch's warnings none.
 
     torch warns about the file (an unusual pickle protocol, say) as it reads it: a failed load says

@@ -4,18 +4,25 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import signal
 import sys
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from ._version import __version__
 from .errors import CsuloraError, CsuloraWarning
 from .evaluate import cli as evaluate_cli
-from .lab import cli as lab_cli
 from .memory import map_large_allocations
+
+if TYPE_CHECKING:
+    from .methods import MethodParams
+    from .settings import SubspaceSettings
+    from .sources import BasisSource
 
 
 class _Subcommand(argparse.ArgumentParser):
@@ -25,7 +32,9 @@ class _Subcommand(argparse.ArgumentParser):
     the commands that need no method then start without it.
     """
 
-    def __init__(self, *args, complete: Callable[[argparse.ArgumentParser], None] | None = None, **kwargs):
+    def __init__(
+        self, *args: Any, complete: Callable[[argparse.ArgumentParser], None] | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._complete = complete
 
@@ -34,7 +43,9 @@ class _Subcommand(argparse.ArgumentParser):
             complete, self._complete = self._complete, None
             complete(self)
 
-    def parse_known_args(self, args=None, namespace=None):
+    def parse_known_args(  # type: ignore[override]  # argparse's overloads, one signature here
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
         self._completed()
         return super().parse_known_args(args, namespace)
 
@@ -52,30 +63,44 @@ def _csv(text: str) -> list[str]:
 
 
 def _add_subspace_options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
-    """The subspace flags; returns their actions by name (a method setting may share one, e.g. --seed)."""
+    """The subspace flags, one per ``SubspaceSettings`` field, and ``--device``; returns their actions by
+    name (a method setting may share one, e.g. --seed)."""
+    from .settings import SubspaceSettings, setting_specs
+
     group = parser.add_argument_group("subspace (randomized SVD of V = aligned - base)")
     actions = [
-        group.add_argument("--rank", type=int, default=None, help="fixed rank k per module"),
-        group.add_argument("--energy", type=float, default=0.8, help="energy fraction TAU for the rank (default 0.8)"),
-        group.add_argument("--max-rank", type=int, default=256, help="cap KMAX on the energy-chosen rank (256)"),
-        group.add_argument("--oversample", type=int, default=10, help="randomized SVD oversampling (10)"),
-        group.add_argument("--power-iters", type=int, default=2, help="randomized SVD power iterations (2)"),
-        group.add_argument("--seed", type=int, default=0, help="seed of the sketch (0)"),
-        group.add_argument("--device", default="auto", help="where the SVDs run: auto (CUDA if present), cpu, cuda:N"),
+        group.add_argument(
+            spec.flag,
+            type=spec.type,
+            default=spec.default,
+            help=spec.help + ("" if spec.default is None else " (%(default)s)"),
+        )
+        for spec in setting_specs(SubspaceSettings)
     ]
+    actions.append(
+        group.add_argument("--device", default="auto", help="where the SVDs run: auto (CUDA if present), cpu, cuda:N")
+    )
     return {action.dest: action for action in actions}
 
 
-def _settings(args):
-    from .subspace import SubspaceSettings
+def _subspace_settings(args: argparse.Namespace) -> SubspaceSettings:
+    from .settings import SubspaceSettings, setting_specs
 
-    return SubspaceSettings(
-        rank=args.rank,
-        energy=args.energy,
-        max_rank=args.max_rank,
-        oversample=args.oversample,
-        power_iters=args.power_iters,
-        seed=args.seed,
+    return SubspaceSettings(**{spec.name: getattr(args, spec.name) for spec in setting_specs(SubspaceSettings)})
+
+
+def _basis_source(args: argparse.Namespace) -> BasisSource:
+    """Where ``correct`` and ``inspect`` take the basis from: --subspace, or --base (and --aligned)."""
+    from .sources import BasisSource
+
+    return BasisSource(
+        subspace=args.subspace,
+        base=args.base,
+        aligned=args.aligned,
+        subspace_settings=_subspace_settings(args),
+        allow_pickle=args.allow_pickle,
+        device=args.device,
+        verify=args.verify,
     )
 
 
@@ -116,14 +141,14 @@ def _add_method_options(parser: argparse.ArgumentParser, shared: dict[str, argpa
         group.add_argument(spec.flag, type=spec.type, default=spec.default, choices=choices, help=used_by + default)
 
 
-def _params(args):
+def _method_settings(args: argparse.Namespace) -> MethodParams:
     from .methods import MethodParams, all_settings
 
     return MethodParams(**{name: getattr(args, name) for name in all_settings()})
 
 
-def cmd_subspace(args) -> int:
-    from .io_utils import reserve_output
+def cmd_subspace(args: argparse.Namespace) -> int:
+    from .safe_output import reserve_output
     from .subspace import is_subspace_file
 
     if args.merge:
@@ -135,11 +160,11 @@ def cmd_subspace(args) -> int:
 
         if not (args.base and args.aligned):
             raise CsuloraError("subspace needs --base and --aligned (or --merge SHARD_FILES)")
-        settings = _settings(args)
+        settings = _subspace_settings(args)
         shard = parse_shard(args.shard) if args.shard is not None else None  # --shard '' is an error, not no shard
         inputs = [args.base, args.aligned, args.adapter]
     # the output is checked and locked before any SVD runs, and stays ours until it is written
-    with reserve_output(args.output, force=args.force, owned=is_subspace_file, inputs=inputs):
+    with reserve_output(args.output, force=args.force, owned=is_subspace_file, inputs=inputs) as reserved:
         if args.merge:
             from .shards import merge_shards
 
@@ -158,30 +183,24 @@ def cmd_subspace(args) -> int:
                 device=args.device,
                 shard=shard,
             )
-        subspace.save(args.output, force=args.force)
+        subspace.save(reserved)  # written under the reservation: checked once
     ks = [meta["k"] for meta in subspace.module_metadata().values()]
     span = f", k from {min(ks)} to {max(ks)}" if ks else ""
     print(f"wrote {args.output}: {len(ks)} modules{span}")
     return 0
 
 
-def cmd_correct(args) -> int:
+def cmd_correct(args: argparse.Namespace) -> int:
     from .pipeline import REPORT_NAME, correct_adapter
 
     report = correct_adapter(
         args.adapter,
         args.output,
+        _basis_source(args),
         method=args.method,
-        params=_params(args),
-        subspace=args.subspace,
-        base=args.base,
-        aligned=args.aligned,
-        settings=_settings(args),
+        method_settings=_method_settings(args),
         force=args.force,
-        allow_pickle=args.allow_pickle,
         progress=not args.quiet,
-        device=args.device,
-        verify=args.verify,
     )
     kept = report["energy_after"] / report["energy_before"] if report["energy_before"] else 1.0
     print(
@@ -191,32 +210,22 @@ def cmd_correct(args) -> int:
     return 0
 
 
-def cmd_inspect(args) -> int:
-    from .io_utils import reserve_output, strict_json
-    from .report import alignment_diagnostic, format_table, is_png, plot_decomposition
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .inspection import alignment_diagnostic, format_table, is_png, plot_decomposition
+    from .safe_output import reserve_output, strict_json
 
     if args.plot:
         from .extras import require_extra
 
         require_extra("plot", "matplotlib", feature="csulora inspect --plot")
-    settings = _settings(args)
+    source = _basis_source(args)
     inputs = [args.adapter, args.subspace, args.base, args.aligned]
     with (
         reserve_output(args.plot, force=args.force, owned=is_png, inputs=inputs)
         if args.plot
         else contextlib.nullcontext()
-    ):
-        diagnostic = alignment_diagnostic(
-            args.adapter,
-            subspace=args.subspace,
-            base=args.base,
-            aligned=args.aligned,
-            settings=settings,
-            allow_pickle=args.allow_pickle,
-            progress=not args.quiet,
-            device=args.device,
-            verify=args.verify,
-        )
+    ) as reserved:
+        diagnostic = alignment_diagnostic(args.adapter, source, progress=not args.quiet)
         rows = diagnostic["modules"]
         if args.plot:
             pair = (
@@ -224,7 +233,8 @@ def cmd_inspect(args) -> int:
                 if args.subspace
                 else f"base {args.base}, aligned {args.aligned or 'from adapter'}"
             )
-            plot_decomposition(rows, args.plot, title=f"adapter {args.adapter}  |  {pair}", force=args.force)
+            assert reserved is not None  # reserved above whenever --plot is given
+            plot_decomposition(rows, reserved, title=f"adapter {args.adapter}  |  {pair}")
     if args.json:
         print(strict_json(diagnostic))
     else:
@@ -284,15 +294,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
 
     evaluate_cli.register(sub)
-    lab_cli.register(sub)
+    _add_plugin_commands(sub)
     return parser
+
+
+# Other packages add commands through entry points of this group, each a ``register(subparsers)``
+# (the lab's ``csulora lab``); the product imports none of them by name.
+COMMANDS_GROUP = "csulora.commands"
+
+
+def _add_plugin_commands(sub: argparse._SubParsersAction) -> None:
+    """A command that reads checkpoints module by module sets ``streams_checkpoints=True`` in its defaults."""
+    from importlib.metadata import entry_points
+
+    for entry in sorted(entry_points(group=COMMANDS_GROUP), key=lambda entry: entry.name):
+        entry.load()(sub)
 
 
 _default_showwarning = warnings.showwarning
 _pending_warnings: list[str] = []
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None):
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
     """Our own warnings as one line, once the command succeeds; everybody else's as Python prints them.
 
     A run that fails prints only its error: one line that says what is wrong.
@@ -303,7 +333,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
         _default_showwarning(message, category, filename, lineno, file, line)
 
 
-def _terminate(signum, frame):
+def _terminate(signum: int, frame: FrameType | None) -> NoReturn:
     """SIGTERM (a scheduler, ``timeout``) unwinds like Ctrl-C, so temporary outputs are removed."""
     raise KeyboardInterrupt
 
@@ -316,13 +346,32 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
 
 
-def _streams_checkpoints(args) -> bool:
-    """Whether the command may read checkpoints module by module: ``subspace``, the lab, and any command
-    given a base checkpoint (a subspace computed on the fly, or Safe LoRA's V even beside --subspace)."""
-    return args.func in (cmd_subspace, lab_cli.cmd_lab) or getattr(args, "base", None) is not None
+def _streams_checkpoints(args: argparse.Namespace) -> bool:
+    """Whether the command may read checkpoints module by module: ``subspace``, a plugin command that says
+    so (the lab), and any command given a base checkpoint (a subspace computed on the fly, or Safe LoRA's
+    V even beside --subspace)."""
+    return (
+        args.func is cmd_subspace
+        or getattr(args, "streams_checkpoints", False)
+        or getattr(args, "base", None) is not None
+    )
 
 
-def _run(args) -> int:
+# Library messages name settings (``base=...``, ``verify=True``); the CLI's name the flags (``--base``).
+_SETTING_IN_MESSAGE = re.compile(r"\b([a-z][a-z0-9_]*)=(?:\.\.\.|True)")
+
+
+def _in_flags(message: str, args: argparse.Namespace) -> str:
+    """``message`` with each setting this command has a flag for named by its flag."""
+
+    def flag(match: re.Match[str]) -> str:
+        name = match[1]
+        return "--" + name.replace("_", "-") if name in vars(args) else match[0]
+
+    return _SETTING_IN_MESSAGE.sub(flag, message)
+
+
+def _run(args: argparse.Namespace) -> int:
     if _streams_checkpoints(args):  # big tensors freed module by module go straight back to the OS
         # (not for `correct --subspace` alone: its few-MB factors are reused by malloc instead of being
         # mapped and faulted in afresh, which costs system time; docs/performance.md)
@@ -333,10 +382,10 @@ def _run(args) -> int:
     try:
         code = args.func(args)
         for line in _pending_warnings:
-            print(line, file=sys.stderr)
+            print(_in_flags(line, args), file=sys.stderr)
         return code
     except CsuloraError as exc:
-        print(f"csulora: error: {exc}", file=sys.stderr)
+        print(f"csulora: error: {_in_flags(str(exc), args)}", file=sys.stderr)
         return 2
     except OSError as exc:  # a file that vanished or cannot be read or written: one line, not a traceback
         where = f"{exc.filename}: " if exc.filename else ""

@@ -137,7 +137,7 @@ def decompose(lora: LoraFactors, U: torch.Tensor, R: torch.Tensor) -> Decomposit
     return Decomposition(lora, U, R, C, D, max(e_f, 0.0), max(e_h, 0.0), max(e_o, 0.0))
 
 
-def _check_subspace_shapes(B, A, U, R) -> None:
+def _check_subspace_shapes(B: torch.Tensor, A: torch.Tensor, U: torch.Tensor, R: torch.Tensor) -> None:
     if U.shape[0] != B.shape[0] or R.shape[0] != A.shape[1]:
         raise CsuloraError(
             f"subspace of shape U {tuple(U.shape)}, R {tuple(R.shape)} does not fit a LoRA update of "
@@ -162,7 +162,7 @@ class Corrected:
 
 def _check_lam(lam: float) -> None:
     if lam < 0 or math.isnan(lam):
-        raise CsuloraError(f"--lam must be >= 0, got {lam}")
+        raise CsuloraError(f"lam must be >= 0, got {lam}")
 
 
 def csulora_update(lora: LoraFactors, U: torch.Tensor, R: torch.Tensor, lam: float) -> Corrected:

@@ -4,6 +4,7 @@ precision (``--dtype auto``: bfloat16 autocast where the hardware computes it na
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import torch
 
@@ -17,9 +18,9 @@ def resolve_device(device: str | None) -> torch.device:
     try:
         resolved = torch.device(device)
     except RuntimeError:
-        raise CsuloraError(f"--device {device!r} is not a torch device") from None
+        raise CsuloraError(f"device {device!r} is not a torch device") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise CsuloraError(f"--device {device}: CUDA is not available on this machine")
+        raise CsuloraError(f"device {device}: CUDA is not available on this machine")
     return resolved
 
 
@@ -45,7 +46,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def autocast(precision: str, device: torch.device):
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
     """A bfloat16 autocast region for ``bfloat16`` (weights stay float32: mixed precision), nothing for
     ``float32``."""
     if precision == "float32":

@@ -15,7 +15,7 @@ _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
 
 @cache
-def _glibc():
+def _glibc() -> ctypes.CDLL | None:
     if not sys.platform.startswith("linux"):
         return None
     try:

@@ -108,7 +108,9 @@ def _body(report: Mapping[str, Any], subspace_file: str | None, streamed: bool, 
     return "\n".join(lines)
 
 
-def _subspace_lines(subspace: Mapping[str, Any] | None, subspace_file: str | None, streamed: bool, pair) -> list[str]:
+def _subspace_lines(
+    subspace: Mapping[str, Any] | None, subspace_file: str | None, streamed: bool, pair: tuple[str, str] | None
+) -> list[str]:
     if subspace is None:
         if pair is None:
             return ["- **Subspace**: none (this method reads none)"]

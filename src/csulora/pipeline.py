@@ -25,11 +25,12 @@ from .correct import (
     frobenius_sq,
     signed_overlap,
 )
-from .io_utils import atomic_dir, reserve_output, strict_json
 from .methods import DEFAULT_METHOD, Method, MethodParams, ModuleInputs, Needs, Settings, get_method
 from .model_card import CARD_NAME, corrected_card
-from .sources import AdapterSubspace, Pair, adapter_deltas, open_pair
-from .subspace import Subspace, SubspaceSettings
+from .pair import Pair
+from .safe_output import atomic_dir, reserve_output, strict_json
+from .sources import AdapterSubspace, BasisSource, adapter_deltas
+from .subspace import Subspace
 from .subspace_stream import warn_unaligned
 from .threads import correction_flops, threads_for, torch_threads
 
@@ -73,7 +74,7 @@ class Correction:
     """A method's results for every module of an adapter, in the adapter's order."""
 
     method: str
-    settings: Settings
+    method_settings: Settings
     modules: list[ModuleResult]
     subspace: dict | None  # where the subspace came from (None: the method read none)
 
@@ -82,7 +83,7 @@ class Correction:
         after = [result.overlap_after for result in self.modules]
         return {
             "method": self.method,
-            "params": self.settings.as_dict(),
+            "params": self.method_settings.as_dict(),
             "csulora_version": __version__,
             "adapter": str(adapter.path),
             "subspace": self.subspace,
@@ -109,52 +110,50 @@ def is_corrected_adapter(path: Path) -> bool:
 def correct_adapter(
     adapter: str | Path | Adapter,
     out: str | Path,
+    source: BasisSource | None = None,
     *,
     method: str = DEFAULT_METHOD,
-    params: MethodParams | Mapping[str, Any] | Settings | None = None,
-    subspace: str | Path | Subspace | None = None,
-    base: str | Path | None = None,
-    aligned: str | Path | None = None,
-    settings: SubspaceSettings | None = None,
+    method_settings: MethodParams | Mapping[str, Any] | Settings | None = None,
     force: bool = False,
-    allow_pickle: bool = False,
     progress: bool = False,
-    device: str | None = None,
-    verify: bool = False,
 ) -> dict:
     """Correct ``adapter`` and write a PEFT adapter plus ``csulora_report.json`` into ``out``.
 
-    Returns the report. The subspace comes from ``subspace`` (a file or object) or is computed from
-    ``base`` and ``aligned`` (default: the adapter's ``base_model_name_or_path``). ``params`` holds the
-    method's settings (see ``csulora.methods``). The output is checked (writable, not an input,
-    replaceable) before any work is done. ``verify``: the subspace (or ``aligned``) must be proven to
-    come from the adapter's model, every target module's whole weight compared (see ``sources``).
+    Returns the report. ``source`` says where the basis comes from (``BasisSource``: a subspace, or a
+    (base, aligned) pair to compute it from; a method that reads the full ``V`` needs the pair).
+    ``method_settings``: the method's settings, by name or as its settings object (see
+    ``csulora.methods``). The output is checked (writable, not an input, replaceable) once, before any
+    work is done.
     """
+    source = source or BasisSource()
     spec = get_method(method)
-    method_settings = spec.settings_from(params)
-    needs = spec.needs_for(method_settings)
-    adapter = adapter if isinstance(adapter, Adapter) else load_adapter(adapter, allow_pickle=allow_pickle)
-    required = f"--method {method} needs the full alignment matrix: pass --base (and --aligned)"
-    pair = open_pair(adapter, base, aligned, allow_pickle, required if needs is Needs.DELTA else None, verify)
-    subspace_path = subspace if isinstance(subspace, str | Path) else getattr(subspace, "path", None)
+    resolved = spec.settings_from(method_settings)
+    needs = spec.needs_for(resolved)
+    adapter = adapter if isinstance(adapter, Adapter) else load_adapter(adapter, allow_pickle=source.allow_pickle)
+    required = f"method {method} needs the full alignment matrix V: give a base checkpoint (base=..., and aligned=...)"
+    pair = source.open_pair(adapter, required if needs is Needs.DELTA else None)
+    subspace_path = source.subspace_path
     inputs = [adapter.path, subspace_path] + ([pair.base.path, pair.aligned.path] if pair else [])
-    with reserve_output(out, force=force, owned=is_corrected_adapter, inputs=inputs, kind="dir"):
-        source = (
-            AdapterSubspace(adapter, subspace, pair, aligned, settings, progress, device, verify)
-            if needs is Needs.BASIS
-            else None
-        )
-        correction = run_correction(adapter, spec, method_settings, source=source, pair=pair, progress=progress)
+    # checked and locked once, before any work; written into place under the same reservation
+    with reserve_output(out, force=force, owned=is_corrected_adapter, inputs=inputs, kind="dir") as reserved:
+        bases = AdapterSubspace(adapter, source, pair, progress) if needs is Needs.BASIS else None
+        correction = run_correction(adapter, spec, resolved, bases=bases, pair=pair, progress=progress)
         report = correction.report(adapter)
-        with atomic_dir(out, force=force, owned=is_corrected_adapter, inputs=inputs) as tmp:
+        with atomic_dir(reserved) as tmp:
             write_adapter(adapter, tmp, {result.module: result.corrected.lora for result in correction.modules})
             (tmp / REPORT_NAME).write_text(strict_json(report) + "\n")
-            card = _card(adapter, report, subspace, subspace_path, pair)
+            card = _card(adapter, report, source.subspace, subspace_path, pair)
             (tmp / CARD_NAME).write_text(card, encoding="utf-8")  # replaces the input's copy
     return report
 
 
-def _card(adapter: Adapter, report: dict, subspace, subspace_path, pair: Pair | None) -> str:
+def _card(
+    adapter: Adapter,
+    report: dict,
+    subspace: str | Path | Subspace | None,
+    subspace_path: str | Path | None,
+    pair: Pair | None,
+) -> str:
     """The output's model card: how the adapter was corrected, then the input's own card."""
     original = adapter.path / CARD_NAME
     return corrected_card(
@@ -181,12 +180,12 @@ class _ModuleSource:
 
 
 def _module_sources(
-    adapter: Adapter, needs: Needs, source: AdapterSubspace | None, pair: Pair | None, digests: list[dict | None]
+    adapter: Adapter, needs: Needs, bases: AdapterSubspace | None, pair: Pair | None, digests: list[dict | None]
 ) -> Iterator[_ModuleSource]:
     """Each adapter module's inputs, in order; each basis read appends its weights' digests to ``digests``."""
     if needs is Needs.BASIS:
-        assert source is not None
-        for basis in source.bases():
+        assert bases is not None
+        for basis in bases.bases():
             digests.append(basis.sha256)  # the basis itself is released once its module is done
             inputs = ModuleInputs(basis.module, U=basis.U, R=basis.R, sigma=basis.sigma)
             yield _ModuleSource(basis.module, basis.name, inputs, basis.k, basis.k == 0)
@@ -203,23 +202,24 @@ def _module_sources(
 def run_correction(
     adapter: Adapter,
     spec: Method,
-    settings: Settings,
+    method_settings: Settings,
     *,
-    source: AdapterSubspace | None = None,
+    bases: AdapterSubspace | None = None,
     pair: Pair | None = None,
     progress: bool = False,
 ) -> Correction:
-    """Apply ``spec`` module by module (then its ``finalize`` across modules); nothing is written.
+    """Apply ``spec`` with ``method_settings`` module by module (then its ``finalize`` across modules);
+    nothing is written.
 
-    ``source`` gives the bases (for a method that needs them), ``pair`` the full ``V`` (for one that
+    ``bases`` gives the bases (for a method that needs them), ``pair`` the full ``V`` (for one that
     needs it). A module where aligned - base is zero keeps its update and is left out of ``finalize``.
     Where a basis is read, each module's signed overlap with ``V_k`` is measured before and after.
     """
-    needs = spec.needs_for(settings)
+    needs = spec.needs_for(method_settings)
     digests: list[dict | None] = []
     results = []
     for item in tqdm(
-        _module_sources(adapter, needs, source, pair, digests),
+        _module_sources(adapter, needs, bases, pair, digests),
         total=len(adapter.modules),
         desc=spec.name,
         disable=not progress,
@@ -230,7 +230,7 @@ def run_correction(
         else:
             m, n, V = lora.B.shape[0], lora.A.shape[1], item.inputs.V
             with torch_threads(threads_for(correction_flops(m, n, lora.rank, item.k or 0, V is not None))):
-                corrected = spec.correct(lora, item.inputs, settings)
+                corrected = spec.correct(lora, item.inputs, method_settings)
             # float32 is ample for storage (adapters are saved in fp32 or lower) and halves peak memory
             corrected = Corrected(_float32(corrected.lora), corrected.info)
         before = after = None
@@ -242,17 +242,19 @@ def run_correction(
                 item.module, item.name, lora.rank, _energy(lora), corrected, item.k, item.unaligned, before, after
             )
         )
-    where = source.where if source is not None else str(pair.aligned.path if pair else adapter.path)
+    where = bases.where if bases is not None else str(pair.aligned.path if pair else adapter.path)
     warn_unaligned([r.name for r in results if r.unchanged], len(adapter.modules), where)
     if spec.finalize is not None:
-        final = spec.finalize(adapter.factors, {r.module: r.corrected for r in results if not r.unchanged}, settings)
+        final = spec.finalize(
+            adapter.factors, {r.module: r.corrected for r in results if not r.unchanged}, method_settings
+        )
         results = [
             r
             if r.unchanged
             else replace(r, corrected=final[r.module], overlap_after=_overlap_after(r, final[r.module].lora))
             for r in results
         ]
-    return Correction(spec.name, settings, results, source.metadata(digests) if source is not None else None)
+    return Correction(spec.name, method_settings, results, bases.metadata(digests) if bases is not None else None)
 
 
 # 1 - cos below this: the finalized update is the per-module one times c >= 0, up to float32 storage

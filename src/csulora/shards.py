@@ -14,6 +14,7 @@ import json
 import math
 import warnings
 from pathlib import Path
+from typing import Any
 
 from .checkpoint import SAMPLE_ROWS, Checkpoint
 from .errors import CsuloraError, CsuloraWarning
@@ -110,7 +111,7 @@ def merge_shards(paths: list[str | Path]) -> Subspace:
     The rest of each module's weights was read by its own shard only: a note says so.
     """
     if not paths:
-        raise CsuloraError("--merge needs at least one shard file")
+        raise CsuloraError("a merge needs at least one shard file")
     shards = [(Path(path), load_subspace(path)) for path in paths]
     first_path, first = shards[0]
     reference = _shard_info(first_path, first)
@@ -207,7 +208,7 @@ def _shard_info(path: Path, subspace: Subspace) -> dict:
     """The file's ``shard`` record, checked: an edited or foreign one is refused in one line."""
     info = subspace.metadata.get(SHARD_KEY)
     if not isinstance(info, dict) or not {"count", "modules", "fingerprint"} <= set(info):
-        raise CsuloraError(f"{path}: not a shard file (written without --shard)")
+        raise CsuloraError(f"{path}: not a shard file (written without shard=...)")
     index, count, modules = info.get("index"), info["count"], info["modules"]
     if not (isinstance(count, int) and isinstance(index, int) and _integer(count) and _integer(index)) or not (
         1 <= count <= MAX_SHARDS and 0 <= index < count
@@ -237,5 +238,5 @@ def _shard_info(path: Path, subspace: Subspace) -> dict:
     return info
 
 
-def _integer(value) -> bool:
+def _integer(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)

@@ -1,6 +1,6 @@
 """What an adapter is corrected or inspected with: its subspace, or its (base, aligned) pair.
 
-Opening the pair, matching the subspace to the adapter's model (by the weights' recorded digests),
+Matching the subspace to the adapter's model (by the weights' recorded digests),
 and handing out each module's basis, or each module's ``V``, in the update's orientation,
 shape-checked, in the adapter's module order. The correction pipeline and ``inspect`` both read
 their inputs through here.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,39 +19,42 @@ import torch
 from .adapter import Adapter
 from .checkpoint import Checkpoint, match_module, tensor_digest
 from .errors import CsuloraError, CsuloraWarning
-from .io_utils import real_path
-from .subspace import SAMPLE_KEY, ModuleBasis, Subspace, SubspaceSettings, _FileBases, load_subspace
-from .subspace_stream import check_pair, iter_deltas, stream_bases, stream_metadata, subspace_modules
+from .pair import Pair, iter_deltas, local_checkpoint, open_pair, sampled_rows_digest, subspace_modules, weight_digest
+from .subspace import SAMPLE_KEY, Subspace, _FileBases, load_subspace
+from .subspace_stream import stream_bases, stream_metadata
+from .svd import ModuleBasis, SubspaceSettings
 
 
 @dataclass(frozen=True)
-class Pair:
-    """The (base, aligned) checkpoints an adapter's alignment displacement comes from."""
+class BasisSource:
+    """Where an adapter's basis comes from: a subspace (a file or an object), or a (base, aligned) pair
+    whose subspace is computed on the fly as ``subspace_settings`` say.
 
-    base: Checkpoint
-    aligned: Checkpoint
-
-
-def open_pair(
-    adapter: Adapter, base, aligned, allow_pickle: bool, required: str | None = None, verify: bool = False
-) -> Pair | None:
-    """Open (base, aligned) when ``base`` is given (aligned defaults to the adapter's model); else None.
-
-    ``required``: the error to raise when the caller cannot do without the pair. ``verify``: an
-    ``aligned`` other than the adapter's model must hold its weights, every target module's in full.
+    ``aligned`` defaults to the adapter's ``base_model_name_or_path``; with a subspace it is the local
+    checkpoint the subspace's recorded digests are compared with. ``allow_pickle``: pickled ``.bin``
+    checkpoints (and adapter weights) may be read, with ``weights_only=True``. ``device``: where the
+    SVDs run. ``verify``: the subspace (or ``aligned``) must be proven to come from the adapter's model,
+    every target module's whole weight compared.
     """
-    if base is None:
-        if required:
-            raise CsuloraError(required)
-        return None
-    aligned_source = aligned or adapter.base_model
-    if aligned_source is None:
-        raise CsuloraError(f"{adapter.path}: no base_model_name_or_path in the config; pass --aligned")
-    pair = Pair(Checkpoint(base, allow_pickle=allow_pickle), Checkpoint(aligned_source, allow_pickle=allow_pickle))
-    check_pair(pair.base, pair.aligned, adapter.modules)
-    if aligned is not None:
-        _warn_if_not_trained_on(adapter, pair.aligned, allow_pickle, verify)
-    return pair
+
+    subspace: str | Path | Subspace | None = None
+    base: str | Path | None = None
+    aligned: str | Path | None = None
+    subspace_settings: SubspaceSettings = field(default_factory=SubspaceSettings)
+    allow_pickle: bool = False
+    device: str | None = None
+    verify: bool = False
+
+    @property
+    def subspace_path(self) -> str | Path | None:
+        """The subspace file, if the subspace is one (or was read from one)."""
+        if self.subspace is None or isinstance(self.subspace, str | Path):
+            return self.subspace
+        return self.subspace.path
+
+    def open_pair(self, adapter: Adapter, required: str | None = None) -> Pair | None:
+        """The (base, aligned) pair when ``base`` is given, else None (``required``: the error then)."""
+        return open_pair(adapter, self.base, self.aligned, self.allow_pickle, required, self.verify)
 
 
 def subspace_file_name(subspace: Subspace) -> str:
@@ -84,32 +87,26 @@ class AdapterSubspace:
     module as it goes, so only the module in hand (and the one being read) is ever in memory.
     """
 
-    def __init__(
-        self,
-        adapter: Adapter,
-        subspace: str | Path | Subspace | None,
-        pair: Pair | None,
-        aligned,
-        settings: SubspaceSettings | None,
-        progress: bool = False,
-        device: str | None = None,
-        verify: bool = False,
-    ):
+    def __init__(self, adapter: Adapter, source: BasisSource, pair: Pair | None, progress: bool = False):
+        """``pair``: ``source.open_pair(adapter)``, opened once by the caller (a method may read ``V`` too)."""
+        subspace, aligned, verify = source.subspace, source.aligned, source.verify
         self.adapter = adapter
         self.pair = pair
-        self.settings = settings or SubspaceSettings()
-        self.progress, self.device = progress, device
+        self.settings = source.subspace_settings
+        self.progress, self.device = progress, source.device
         self.given: Subspace | None = None
         # the model type says which modules are Conv1D (stored in x out): see Adapter.stored_transposed
         self.model_type = pair.aligned.model_type if pair else None
         if subspace is not None:
             self.given = subspace if isinstance(subspace, Subspace) else load_subspace(subspace)
-            local = pair.aligned if pair else _local_checkpoint(aligned or adapter.base_model, False)
+            local = pair.aligned if pair else local_checkpoint(aligned or adapter.base_model, False)
             _warn_if_other_model(adapter, self.given, local, verify)
             recorded = self.given.metadata.get("model_type")
             self.model_type = self.model_type or recorded or (local.model_type if local else None)
         elif pair is None:
-            raise CsuloraError("pass --subspace SUB, or --base B (and --aligned A) to compute it")
+            raise CsuloraError(
+                "needs a subspace (subspace=...), or a base checkpoint (base=..., and aligned=...) to compute it"
+            )
 
     @property
     def where(self) -> str:
@@ -128,7 +125,7 @@ class AdapterSubspace:
                 if name is None:
                     raise CsuloraError(
                         f"{subspace_file_name(given)}: adapter module {module} has no entry in the subspace file; "
-                        f"recompute it with --adapter {adapter.path}"
+                        f"recompute it with adapter=... {adapter.path}"
                     )
                 yield self._oriented(module, name, given[name], f"the subspace in {subspace_file_name(given)}")
             return
@@ -187,79 +184,11 @@ def aligned_digest(aligned: Checkpoint, modules: list[str]) -> str:
     return digest.hexdigest()
 
 
-def _local_checkpoint(source, allow_pickle: bool) -> Checkpoint | None:
-    """A checkpoint at a local path, or None (a Hub id, or nothing readable there)."""
-    if not source or not Path(source).expanduser().is_dir():
-        return None
-    try:
-        return Checkpoint(source, allow_pickle=allow_pickle)
-    except CsuloraError:
-        return None
-
-
 def _spread(items: list, count: int = 3) -> list:
     """Up to ``count`` items: the first, the last and ones between."""
     if len(items) <= count:
         return items
     return [items[round(i * (len(items) - 1) / (count - 1))] for i in range(count)]
-
-
-def _weight_digest(ckpt: Checkpoint, module: str) -> str:
-    return tensor_digest(ckpt.read(ckpt.weight_key(module))).hex()
-
-
-def _sample_digest(ckpt: Checkpoint, module: str) -> str:
-    return ckpt.sample_digest(ckpt.weight_key(module)).hex()
-
-
-def _first_difference(one: Checkpoint, other: Checkpoint, modules: list[str], verify: bool) -> str | None:
-    """The first of ``modules`` whose weights differ between two checkpoints (None: none differs).
-
-    With ``verify`` each whole weight is compared (by sha256), else its sampled rows
-    (``checkpoint.sample_rows``): a fine-tune moves every row, so a few per module show it.
-    """
-    digest = _weight_digest if verify else _sample_digest
-    for module in modules:
-        try:
-            if digest(one, module) != digest(other, module):
-                return module
-        except CsuloraError:
-            return module
-    return None
-
-
-def _warn_if_not_trained_on(adapter: Adapter, aligned: Checkpoint, allow_pickle: bool, verify: bool = False) -> None:
-    """``--aligned`` other than the adapter's ``base_model_name_or_path``: fine if the weights are the same.
-
-    Every module the adapter targets is compared: its sampled rows, or with ``verify`` its whole weight.
-    """
-    claimed = adapter.base_model
-    if not claimed or real_path(claimed) == real_path(aligned.path) or claimed == aligned.source:
-        return
-    trained_on = _local_checkpoint(claimed, allow_pickle)
-    if trained_on is None:
-        if verify:
-            raise CsuloraError(
-                f"{adapter.path}: --verify: the adapter was trained on {claimed}, which is not a local checkpoint, "
-                f"so its weights cannot be compared with --aligned {aligned.source}"
-            )
-        warnings.warn(
-            f"{adapter.path}: the adapter was trained on {claimed} but --aligned is {aligned.source} "
-            "(cannot compare their weights here)",
-            CsuloraWarning,
-            stacklevel=3,
-        )
-        return
-    differs = _first_difference(trained_on, aligned, adapter.modules, verify)
-    if differs is None:
-        return
-    message = (
-        f"{adapter.path}: the adapter was trained on {claimed} but --aligned is {aligned.source} "
-        f"and their weights differ (module {differs})"
-    )
-    if verify:
-        raise CsuloraError(f"--verify: {message}")
-    warnings.warn(message, CsuloraWarning, stacklevel=3)
 
 
 def _recorded(subspace: Subspace, name: str, key: str) -> str | None:
@@ -284,8 +213,8 @@ def _warn_if_other_model(
     if aligned is None:  # the adapter's model is not here (a Hub id): its name is the only clue left
         if verify:
             raise CsuloraError(
-                f"{adapter.path}: --verify: the adapter's model {adapter.base_model} is not a local checkpoint; "
-                "pass --aligned DIR to compare its weights with the subspace's"
+                f"{adapter.path}: verify=True: the adapter's model {adapter.base_model} is not a local checkpoint; "
+                "give the local aligned checkpoint (aligned=...) to compare its weights with the subspace's"
             )
         if source and adapter.base_model and source != adapter.base_model:
             warnings.warn(
@@ -302,7 +231,7 @@ def _warn_if_other_model(
         if verify:
             missing = next(name for name, digest in recorded.items() if not digest)
             raise CsuloraError(
-                f"{where}: --verify: no digest of module {missing}'s aligned weights (written by an older csulora); "
+                f"{where}: verify=True: no digest of module {missing}'s aligned weights (written by an older csulora); "
                 "recompute the subspace"
             )
         full = {name: _recorded(subspace, name, "sha256") for name in _spread(names)}
@@ -322,7 +251,7 @@ def _warn_if_other_model(
                     )
             return
         recorded, key = full, "sha256"
-    digest = _weight_digest if key == "sha256" else _sample_digest
+    digest = weight_digest if key == "sha256" else sampled_rows_digest
     differs = None
     for name, expected in recorded.items():
         try:
@@ -339,5 +268,5 @@ def _warn_if_other_model(
         "differs): the subspace may belong to another model"
     )
     if verify:
-        raise CsuloraError(f"--verify: {message}")
+        raise CsuloraError(f"verify=True: {message}")
     warnings.warn(message, CsuloraWarning, stacklevel=3)

@@ -1,4 +1,4 @@
-"""Streaming a (base, aligned) checkpoint pair into per-module safety subspaces.
+"""Streaming a (base, aligned) checkpoint pair (``csulora.pair``) into per-module safety subspaces.
 
 Module by module: the displacement ``V = W_aligned - W_base`` is read, its basis computed, and ``V``
 freed, two modules at a time on two worker threads, so memory holds two modules, never a model.
@@ -8,124 +8,26 @@ freed, two modules at a time on two worker threads, so memory holds two modules,
 
 from __future__ import annotations
 
-import functools
-import math
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import NamedTuple
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
+from ._version import __version__
 from .adapter import Adapter, load_adapter
-from .checkpoint import Checkpoint, sample_digest, tensor_digest
+from .checkpoint import Checkpoint
 from .device import resolve_device
 from .errors import CsuloraError, CsuloraWarning
 from .memory import release_freed_memory
-from .subspace import ModuleBasis, Subspace, SubspaceSettings, chained_digests, displacement_energy, module_basis
+from .pair import Delta, check_pair, read_delta, subspace_modules
+from .subspace import Subspace, chained_digests
+from .svd import ModuleBasis, SubspaceSettings, module_basis
 from .threads import available_threads, ordered_map
 
 MODULE_WORKERS = 2  # modules read and decomposed at once (memory holds this many)
-NEGLIGIBLE = 1e-6  # ||V||_F below this fraction of ||W_aligned||_F is rounding noise, not alignment
-
-
-class Delta(NamedTuple):
-    """One module's displacement ``V = W_aligned - W_base`` (float32, stored layout)."""
-
-    module: str
-    V: torch.Tensor
-    digest_base: bytes
-    digest_aligned: bytes
-    sample_base: bytes  # the digests of the sampled rows (``checkpoint.sample_digest``)
-    sample_aligned: bytes
-    negligible: bool  # V is zero, or numerically zero relative to the weight
-    energy: float  # ||V||_F^2
-
-
-def _read_delta(base: Checkpoint, aligned: Checkpoint, module: str) -> Delta:
-    """``V = W_aligned - W_base`` for one module in float32 (stored layout), with content digests."""
-    key_a = aligned.weight_key(module)
-    key_b = base.weight_key(module)
-    W_a = aligned.read(key_a)
-    W_b = base.read(key_b)
-    if W_a.shape != W_b.shape:
-        raise CsuloraError(
-            f"module {module}: {aligned.path} has shape {tuple(W_a.shape)} but {base.path} has "
-            f"{tuple(W_b.shape)}; base and aligned must be the same architecture"
-        )
-    digests = tensor_digest(W_b), tensor_digest(W_a), sample_digest(W_b), sample_digest(W_a)
-    V = float32_difference(W_a, W_b)
-    # V is finite iff both weights are (or their difference overflowed), and its energy is finite iff
-    # V is: one pass over V gives both the check and the size of V;
-    # the weights are checked elementwise only when something is wrong, to name the culprit
-    energy = displacement_energy(V)
-    norm_v = math.sqrt(energy)
-    if not math.isfinite(norm_v):
-        for W, ckpt in ((W_a, aligned), (W_b, base)):
-            if not torch.isfinite(W).all():
-                raise CsuloraError(f"{ckpt.path}: module {module} has NaN or Inf weights")
-        if not torch.isfinite(V).all():
-            raise CsuloraError(f"module {module}: aligned - base overflows float32 ({aligned.path}, {base.path})")
-    # the weight's norm takes another pass: only when V is tiny (RMS < NEGLIGIBLE; trained displacements
-    # are ~1e-4 of weights' ~1e-2 RMS) is it needed to tell rounding noise from a small displacement
-    negligible = norm_v == 0 or (
-        norm_v <= NEGLIGIBLE * math.sqrt(V.numel())
-        and norm_v
-        <= NEGLIGIBLE * float(torch.linalg.vector_norm(W_a, dtype=torch.promote_types(W_a.dtype, torch.float32)))
-    )
-    return Delta(module, V, *digests, negligible, energy)
-
-
-def float32_difference(minuend: torch.Tensor, subtrahend: torch.Tensor, rows: int = 256) -> torch.Tensor:
-    """``minuend - subtrahend`` in float32 (each weight cast to float32, then subtracted), a new tensor.
-
-    bfloat16 weights (most released checkpoints) go through numpy a block of rows at a time: a
-    bfloat16 is the top half of a float32, so a 16-bit shift casts it exactly, faster than torch's
-    cast on CPU (docs/performance.md), and only a block of the subtrahend is ever float32. The same
-    bits as torch's (where both are NaN the payload may differ; a NaN in V is an error anyway).
-    Overflow and NaN are left to the caller's checks, silently, as torch leaves them.
-    """
-    bfloat16 = minuend.dtype == subtrahend.dtype == torch.bfloat16
-    if not bfloat16 or minuend.device.type != "cpu" or minuend.dim() == 0:
-        V = minuend.to(torch.float32, copy=True)  # a float32 minuend must not be modified in place below
-        V -= subtrahend  # type promotion reads it in its own dtype: no float32 copy of the subtrahend
-        return V
-    high, low = (W.contiguous().view(torch.int16).numpy().view(np.uint16) for W in (minuend, subtrahend))
-    bits, block = np.empty(high.shape, np.uint32), np.empty((rows, *high.shape[1:]), np.uint32)
-    difference, low_block = bits.view(np.float32), block.view(np.float32)
-    with np.errstate(over="ignore", invalid="ignore"):  # numpy would warn where torch is silent
-        for start in range(0, len(high), rows):
-            end = min(start + rows, len(high))
-            np.left_shift(high[start:end], 16, out=bits[start:end], dtype=np.uint32)
-            np.left_shift(low[start:end], 16, out=block[: end - start], dtype=np.uint32)
-            np.subtract(difference[start:end], low_block[: end - start], out=difference[start:end])
-    return torch.from_numpy(difference)
-
-
-def iter_deltas(base: Checkpoint, aligned: Checkpoint, modules: list[str]) -> Iterator[Delta]:
-    """Yield each module's displacement, reading the next module while the caller works on this one."""
-    read = functools.partial(_read_delta, base, aligned)
-    return ordered_map(read, modules, workers=1, threads_each=torch.get_num_threads())
-
-
-def check_pair(base: Checkpoint, aligned: Checkpoint, modules: list[str]) -> None:
-    """Base and aligned must be one architecture: same ``model_type``, same shapes for ``modules``."""
-    if base.model_type and aligned.model_type and base.model_type != aligned.model_type:
-        raise CsuloraError(
-            f"{base.path} is a {base.model_type} model but {aligned.path} is a {aligned.model_type} model; "
-            "base and aligned must be the same architecture"
-        )
-    for module in modules:
-        shape_b, shape_a = base.shape(base.weight_key(module)), aligned.shape(aligned.weight_key(module))
-        if shape_b != shape_a:
-            raise CsuloraError(
-                f"module {module}: {aligned.path} has shape {shape_a} but {base.path} has {shape_b}; "
-                "base and aligned must be the same architecture"
-            )
 
 
 def empty_basis(m: int, n: int, total_energy: float) -> ModuleBasis:
@@ -148,30 +50,6 @@ def warn_unaligned(modules: list[str], total: int, where: str) -> None:
             CsuloraWarning,
             stacklevel=3,
         )
-
-
-def subspace_modules(
-    aligned: Checkpoint, *, modules: list[str] | None, targets: list[str] | None, adapter: Adapter | None
-) -> list[str]:
-    """Checkpoint module names to decompose: explicit ones, an adapter's, or those matching targets."""
-    if adapter is not None:
-        modules = adapter.modules
-        for module in modules:
-            _check_adapter_fits(adapter, aligned, module)
-    if modules is not None:
-        return [aligned.module_name(module) for module in modules]
-    if not targets:
-        raise CsuloraError("say which modules: --targets q_proj,v_proj,... or --adapter DIR")
-    found = aligned.linear_modules(targets)
-    if not found:
-        raise CsuloraError(f"{aligned.path}: no 2-D weight matches the targets {', '.join(targets)}")
-    return found
-
-
-def _check_adapter_fits(adapter: Adapter, aligned: Checkpoint, module: str) -> None:
-    """The adapter's update for ``module`` must have the shape of the checkpoint's weight."""
-    stored = tuple(aligned.shape(aligned.weight_key(module)))
-    adapter.stored_transposed(module, stored, aligned.model_type, f"the weight in {aligned.path}")
 
 
 def stream_bases(
@@ -197,7 +75,7 @@ def stream_bases(
     threads_each = max(1, available_threads() // MODULE_WORKERS)
 
     def basis_of(name: str) -> tuple[str, ModuleBasis]:
-        return name, _basis_with_digests(_read_delta(base, aligned, name), settings, target)
+        return name, _basis_with_digests(read_delta(base, aligned, name), settings, target)
 
     with tqdm(total=len(names), desc="subspace", disable=not progress) as bar:
         for name, basis in ordered_map(basis_of, names, MODULE_WORKERS, threads_each):

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 from pathlib import Path
 
-from ..io_utils import atomic_file, reserve_output
+from ..safe_output import ReservedOutput, atomic_file, reserve_output
 from .judges import JUDGES, build_judge, load_keywords
 from .metrics import SCORINGS
 
@@ -29,7 +30,7 @@ def quiet_libraries() -> None:
     transformers_logging.disable_progress_bar()
 
 
-def cmd_eval(args) -> int:
+def cmd_eval(args: argparse.Namespace) -> int:
     from ..errors import CsuloraError
     from ..extras import require_extra
     from .prompts import load_prompts, load_tasks
@@ -48,11 +49,18 @@ def cmd_eval(args) -> int:
         reserve_output(args.out, force=args.force, owned=is_eval_result, inputs=inputs)
         if args.out is not None
         else contextlib.nullcontext()
-    ):
-        return _run_eval(args, prompts, tasks, extra)
+    ) as reserved:
+        return _run_eval(args, prompts, tasks, extra, reserved)
 
 
-def _run_eval(args, prompts: list[str], task_items: list[tuple[str, str]] | None, extra: list[str]) -> int:
+def _run_eval(
+    args: argparse.Namespace,
+    prompts: list[str],
+    task_items: list[tuple[str, str]] | None,
+    extra: list[str],
+    reserved: ReservedOutput | None,
+) -> int:
+    """Generate, judge, print; the results go to ``reserved`` (``--out``, checked once before any work)."""
     from .pipeline import Generation, TaskSet, generate_and_judge
 
     headline = args.judge or ("classifier" if args.classifier else "keyword")
@@ -75,8 +83,8 @@ def _run_eval(args, prompts: list[str], task_items: list[tuple[str, str]] | None
     result["prompts"] = str(args.prompts)
     if args.classifier:
         result["classifier"] = str(args.classifier)
-    if args.out is not None:
-        with atomic_file(args.out, force=args.force, owned=is_eval_result) as tmp:
+    if reserved is not None:
+        with atomic_file(reserved) as tmp:
             tmp.write_text(json.dumps(result, indent=2) + "\n")
     others = ", ".join(f"{n} {result[f'asr_{n}']:.3f}" for n in names[1:])
     print(f"ASR {result['asr']:.3f} on {result['n']} prompts ({headline} judge; {others}; {result['precision']})")
@@ -87,7 +95,7 @@ def _run_eval(args, prompts: list[str], task_items: list[tuple[str, str]] | None
     return 0
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="attack success rate of a model (optionally with an adapter) on harmful prompts")
     p.add_argument("model", help="causal LM: local directory or Hub id")
     p.add_argument("--adapter", help="PEFT adapter directory to load on the model")

@@ -16,7 +16,9 @@ from tqdm.auto import tqdm
 from ..errors import CsuloraError
 
 
-def load_model(model: str | Path, adapter: str | Path | None = None, *, merge: bool = True, device=None):
+def load_model(
+    model: str | Path, adapter: str | Path | None = None, *, merge: bool = True, device: str | None = None
+) -> tuple[Any, Any]:
     """``(model, tokenizer)`` from a local directory or Hub id, on ``device`` (auto: CUDA if present).
 
     An adapter is loaded with PEFT and, for a float32 model, merged into the weights (same outputs,
@@ -52,11 +54,11 @@ def load_model(model: str | Path, adapter: str | Path | None = None, *, merge: b
     return lm.eval(), tokenizer
 
 
-def uses_chat_template(tokenizer, chat_template: bool = True) -> bool:
+def uses_chat_template(tokenizer: Any, chat_template: bool = True) -> bool:
     return bool(chat_template and getattr(tokenizer, "chat_template", None))
 
 
-def format_prompts(tokenizer, prompts: list[str], chat_template: bool = True) -> list[str]:
+def format_prompts(tokenizer: Any, prompts: list[str], chat_template: bool = True) -> list[str]:
     """Each prompt as a single user turn of the chat template, or unchanged without one."""
     if not uses_chat_template(tokenizer, chat_template):
         return list(prompts)
@@ -66,7 +68,7 @@ def format_prompts(tokenizer, prompts: list[str], chat_template: bool = True) ->
     ]
 
 
-def end_of_turn_id(tokenizer) -> int | None:
+def end_of_turn_id(tokenizer: Any) -> int | None:
     """The special token that closes an assistant turn in the chat template (``<|im_end|>`` in ChatML).
 
     Read from the template itself, not from ``tokenizer.eos_token``: transformers 5.17 loads
@@ -88,7 +90,7 @@ def end_of_turn_id(tokenizer) -> int | None:
     return after[0] if after and after[0] in marks else None
 
 
-def stop_ids(model, tokenizer) -> list[int]:
+def stop_ids(model: Any, tokenizer: Any) -> list[int]:
     """Generation stops at the model's end-of-sequence token(s) and at the chat template's end of turn."""
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids = [configured] if isinstance(configured, int) else list(configured or [])
@@ -114,7 +116,7 @@ LOGIT_SETTINGS = {
 }
 
 
-def plain_greedy(model) -> bool:
+def plain_greedy(model: Any) -> bool:
     """The model's generation config leaves greedy decoding's logits alone (Qwen2.5's, for one, does not:
     it sets ``repetition_penalty`` 1.05)."""
     config = getattr(model, "generation_config", None)
@@ -122,7 +124,9 @@ def plain_greedy(model) -> bool:
 
 
 @torch.no_grad()
-def greedy_tokens(model, input_ids, attention_mask, *, max_new_tokens: int, stop: list[int]) -> list[list[int]]:
+def greedy_tokens(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int, stop: list[int]
+) -> list[list[int]]:
     """Each row's greedy continuation, up to and including its first stop token.
 
     What ``model.generate(do_sample=False)`` computes (same position ids from the left-padded mask,
@@ -182,8 +186,8 @@ def greedy_tokens(model, input_ids, attention_mask, *, max_new_tokens: int, stop
 
 @torch.no_grad()
 def generate(
-    model,
-    tokenizer,
+    model: Any,
+    tokenizer: Any,
     texts: list[str],
     *,
     max_new_tokens: int = 64,

@@ -15,7 +15,7 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..errors import CsuloraError
 
@@ -144,14 +144,16 @@ class ClassifierJudge:
 
     name = "classifier"
 
-    def __init__(self, model: str | Path, *, batch_size: int = 8, max_new_tokens: int = 10, device=None):
+    def __init__(
+        self, model: str | Path, *, batch_size: int = 8, max_new_tokens: int = 10, device: str | None = None
+    ) -> None:
         self.source = str(model)
         self.device = device
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
-        self._loaded = None
+        self._loaded: tuple[Any, Any] | None = None
 
-    def _load(self):
+    def _load(self) -> tuple[Any, Any]:
         if self._loaded is None:
             from .generate import load_model
 
@@ -190,7 +192,7 @@ JUDGES = ("keyword", "strict", "classifier")
 
 
 def build_judge(
-    name: str, *, extra_keywords: Sequence[str] = (), classifier: str | Path | None = None, device=None
+    name: str, *, extra_keywords: Sequence[str] = (), classifier: str | Path | None = None, device: str | None = None
 ) -> Judge:
     """The judge called ``name``; the keyword judges take ``extra_keywords``, the classifier its model."""
     if name == "keyword":
@@ -199,6 +201,6 @@ def build_judge(
         return StrictKeywordJudge(STRICT_REFUSAL_KEYWORDS + tuple(extra_keywords))
     if name == "classifier":
         if classifier is None:
-            raise CsuloraError("the classifier judge needs a model (--classifier MODEL)")
+            raise CsuloraError("the classifier judge needs a model (classifier=...)")
         return ClassifierJudge(classifier, device=device)
     raise CsuloraError(f"unknown judge {name!r} (expected one of {', '.join(JUDGES)})")

@@ -14,6 +14,7 @@ import json
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 from ..errors import CsuloraError
 
@@ -43,7 +44,7 @@ def _field(row: dict, path: Path, where: str) -> str:
     raise CsuloraError(f"{path}: {where} has no non-empty 'prompt' (or 'text' / 'instruction') field")
 
 
-def _json_value(text: str, path: Path, where: str):
+def _json_value(text: str, path: Path, where: str) -> Any:
     try:
         return json.loads(text)
     except RecursionError:

@@ -2,14 +2,14 @@
 
 Each method lives in a file of its own (its typed settings and one decorated function, see
 ``base.py``); this registry lists them. Everything method-specific elsewhere (the ``correct`` CLI's
-flags, the report's ``params``, the lab's sweep and its verdict's roles) is generated from it.
+flags, the report's ``params``, the methods table of the README) is generated from it.
 
 Adding a method is one file plus one line in ``_BUILT_IN`` below; ``register`` adds one at run time.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from ..errors import CsuloraError
@@ -22,7 +22,6 @@ from .base import (
     NoSettings,
     Settings,
     SettingSpec,
-    Sweep,
     define_method,
     fit_rank,
     setting,
@@ -41,15 +40,12 @@ __all__ = [
     "NoSettings",
     "SettingSpec",
     "Settings",
-    "Sweep",
     "all_settings",
     "define_method",
     "energy_matched_factor",
     "fit_rank",
     "get_method",
-    "lab_sweep",
     "method_needs",
-    "methods_with_role",
     "random_basis",
     "register",
     "setting",
@@ -69,8 +65,6 @@ def register(method: Method) -> Method:
             raise ValueError(
                 f"method {method.name}: setting {spec.name} is declared otherwise by {', '.join(known[spec.name][1])}"
             )
-    if method.role == "subject" and methods_with_role("subject"):
-        raise ValueError(f"method {method.name}: the lab's verdict has one subject, {methods_with_role('subject')[0]}")
     METHODS[method.name] = method
     return method
 
@@ -137,33 +131,6 @@ class MethodParams(Mapping[str, Any]):
     def as_dict(self) -> dict[str, Any]:
         """Every registered setting, given or default."""
         return {name: getattr(self, name) for name in all_settings()}
-
-
-# -- the lab -------------------------------------------------------------------------------------
-def methods_with_role(role: str) -> list[str]:
-    """The registered methods with a lab ``role`` ("subject", "control", "method"), in registry order."""
-    return [name for name, method in METHODS.items() if method.role == role]
-
-
-def lab_sweep(grids: Mapping[str, Sequence[float]], seed: int) -> list[tuple[str, dict[str, Any]]]:
-    """``(method, settings)`` for every correction the lab runs, method by method in registry order.
-
-    Each method's knob runs over the lab's grid of that name (``grids``), or its own ``values``; a
-    method with no knob runs once at its defaults; a ``seed`` setting takes the lab's seed.
-    """
-    runs: list[tuple[str, dict[str, Any]]] = []
-    for name, method in METHODS.items():
-        seeded: dict[str, Any] = {"seed": seed} if any(spec.name == "seed" for spec in method.setting_specs()) else {}
-        knob = method.sweep.knob
-        if knob is None:
-            runs.append((name, dict(seeded)))
-            continue
-        grid = method.sweep.grid or knob
-        values = grids.get(grid, method.sweep.values)
-        if not values:
-            raise CsuloraError(f"method {name}: the lab has no {grid!r} grid and the method gives no values")
-        runs.extend((name, {knob: value} | seeded) for value in values)
-    return runs
 
 
 _BUILT_IN = (

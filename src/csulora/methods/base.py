@@ -2,24 +2,40 @@
 
 A method is one decorated function, ``(lora, inputs, settings) -> Corrected``, in a file of its own
 (see ``csulora.methods.csulora`` for the pattern). Its settings are a frozen dataclass whose fields
-carry a default, bounds and help text (``setting``): the CLI flags, the report's ``params`` and the
-lab's sweep are all generated from these declarations by the registry in ``csulora.methods``.
+carry a default, bounds and help text (``setting``): the CLI flags and the report's ``params`` are
+generated from these declarations by the registry in ``csulora.methods``. A method may name one of its
+settings as its ``knob``: the one that says how strongly it corrects.
 """
 
 from __future__ import annotations
 
-import math
-import typing
 from collections.abc import Callable, Mapping
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import dataclass
 from enum import Enum
-from types import UnionType
 from typing import Any
 
 import torch
 
 from ..correct import Corrected, LoraFactors, truncate_to_rank
 from ..errors import CsuloraError
+from ..settings import NoSettings, Settings, SettingSpec, setting, setting_specs
+
+__all__ = [
+    "DEFAULT_LAM",
+    "Finalize",
+    "Method",
+    "ModuleInputs",
+    "Needs",
+    "NoSettings",
+    "SettingSpec",
+    "Settings",
+    "define_method",
+    "fit_rank",
+    "lam_setting",
+    "rank_mode_setting",
+    "setting",
+    "setting_specs",
+]
 
 
 class Needs(Enum):
@@ -63,119 +79,6 @@ class ModuleInputs:
         return self.V
 
 
-# -- settings ------------------------------------------------------------------------------------
-def setting(
-    default: Any,
-    help: str,
-    *,
-    minimum: float | None = None,
-    finite: bool = False,
-    choices: tuple[str, ...] | None = None,
-) -> Any:
-    """A settings field: its default, bounds (``minimum`` inclusive; ``finite``: no NaN or inf), help text."""
-    return field(default=default, metadata={"help": help, "minimum": minimum, "finite": finite, "choices": choices})
-
-
-@dataclass(frozen=True)
-class SettingSpec:
-    """One declared setting, as the CLI and the checks see it."""
-
-    name: str
-    type: type  # float, int or str
-    optional: bool  # None is allowed (and means "not given")
-    default: Any
-    help: str
-    minimum: float | None = None
-    finite: bool = False
-    choices: tuple[str, ...] | None = None
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
-
-    def same_declaration(self, other: SettingSpec) -> bool:
-        """Two methods may share a setting (and so a flag) only if they declare it alike, help aside."""
-        return (self.type, self.optional, self.default, self.minimum, self.finite, self.choices) == (
-            other.type,
-            other.optional,
-            other.default,
-            other.minimum,
-            other.finite,
-            other.choices,
-        )
-
-    def check(self, value: Any) -> None:
-        """Raise a one-line ``CsuloraError`` naming the flag when ``value`` is out of bounds."""
-        if value is None and self.optional:
-            return
-        if self.choices is not None:
-            if value not in self.choices:
-                options = " or ".join(repr(c) for c in self.choices)
-                raise CsuloraError(f"{self.flag} must be {options}, got {value!r}")
-            return
-        if self.type in (int, float) and (isinstance(value, bool) or not isinstance(value, int | float)):
-            raise CsuloraError(f"{self.flag} must be a number, got {value!r}")
-        if self.type is str and not isinstance(value, str):
-            raise CsuloraError(f"{self.flag} must be a string, got {value!r}")
-        out_of_bounds = self.minimum is not None and not value >= self.minimum  # NaN is out of bounds too
-        if (self.finite and not math.isfinite(value)) or out_of_bounds:
-            if self.minimum is None:
-                raise CsuloraError(f"{self.flag} must be finite, got {value}")
-            number = "a finite number >= " if self.finite else ">= "
-            raise CsuloraError(f"{self.flag} must be {number}{self.minimum:g}, got {value}")
-
-
-def setting_specs(settings_class: type) -> tuple[SettingSpec, ...]:
-    """The declared settings of a method's settings dataclass, in declaration order."""
-    hints = typing.get_type_hints(settings_class)
-    specs = []
-    for f in fields(settings_class):
-        kind, optional = _plain_type(hints[f.name], f.name)
-        if f.default is MISSING:
-            raise TypeError(f"setting {f.name} of {settings_class.__name__} has no default")
-        meta = f.metadata
-        specs.append(
-            SettingSpec(
-                f.name,
-                kind,
-                optional,
-                f.default,
-                meta.get("help", ""),
-                meta.get("minimum"),
-                meta.get("finite", False),
-                meta.get("choices"),
-            )
-        )
-    return tuple(specs)
-
-
-def _plain_type(hint: Any, name: str) -> tuple[type, bool]:
-    """``float`` -> (float, False); ``float | None`` -> (float, True); only int, float and str."""
-    args = typing.get_args(hint) if isinstance(hint, UnionType) or typing.get_origin(hint) is typing.Union else ()
-    optional = type(None) in args
-    plain = [a for a in args if a is not type(None)] if args else [hint]
-    if len(plain) != 1 or plain[0] not in (int, float, str):
-        raise TypeError(f"setting {name}: only int, float and str (or optional ones) have a CLI flag, got {hint}")
-    return plain[0], optional
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Base of every method's settings: each field is checked against its declaration when built."""
-
-    def __post_init__(self) -> None:
-        for spec in setting_specs(type(self)):
-            spec.check(getattr(self, spec.name))
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class NoSettings(Settings):
-    """For a method with nothing to set."""
-
-
 # Settings several methods share (one flag each on the CLI): declared once, here.
 DEFAULT_LAM = 1.0
 
@@ -199,19 +102,6 @@ def fit_rank(original: LoraFactors, result: Corrected, rank_mode: str) -> Correc
 
 
 # -- the method ----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Sweep:
-    """How the lab varies a method: ``knob`` over a grid of values (None: one run at the defaults).
-
-    The values are the lab's grid named ``grid`` (default: the knob's name), e.g. its per-size lambda
-    grid, or ``values`` where the lab has no such grid. A method with a ``seed`` setting gets the lab's.
-    """
-
-    knob: str | None = None
-    grid: str | None = None
-    values: tuple[float, ...] = ()
-
-
 Finalize = Callable[[Callable[[str], LoraFactors], dict[str, Corrected], Any], dict[str, Corrected]]
 
 
@@ -228,9 +118,8 @@ class Method:
     # (original factors by module, per-module results, settings) -> final results, for decisions across modules;
     # the report's after-figures of the signed overlap survive it only where it scales an update by c >= 0
     finalize: Finalize | None = None
-    sweep: Sweep = field(default_factory=Sweep)
-    # in the lab's verdict: "subject" (the method the question is about), "control", or "method"
-    role: str = "method"
+    # the setting that says how strongly the method corrects (lam for csulora), if it has one
+    knob: str | None = None
 
     def setting_specs(self) -> tuple[SettingSpec, ...]:
         return setting_specs(self.settings)
@@ -239,7 +128,7 @@ class Method:
         """This method's settings from a mapping of values by name (names of other methods ignored)."""
         if isinstance(values, Settings):
             if not isinstance(values, self.settings):
-                raise CsuloraError(f"--method {self.name} takes {self.settings.__name__}, not {type(values).__name__}")
+                raise CsuloraError(f"method {self.name} takes {self.settings.__name__}, not {type(values).__name__}")
             return values
         values = values or {}
         return self.settings(**{spec.name: values[spec.name] for spec in self.setting_specs() if spec.name in values})
@@ -255,18 +144,17 @@ def define_method(
     summary: str,
     needs: Needs | Callable[[Any], Needs] = Needs.BASIS,
     finalize: Finalize | None = None,
-    sweep: Sweep | None = None,
-    role: str = "method",
+    knob: str | None = None,
 ) -> Callable[[Callable[[LoraFactors, ModuleInputs, Any], Corrected]], Method]:
-    """Decorate a ``(lora, inputs, settings) -> Corrected`` function to make it a ``Method``."""
-    if role not in ("subject", "control", "method"):
-        raise TypeError(f"method {name}: role must be 'subject', 'control' or 'method', got {role!r}")
+    """Decorate a ``(lora, inputs, settings) -> Corrected`` function to make it a ``Method``.
+
+    ``knob``: the setting that says how strongly the method corrects (e.g. ``lam``), if it has one.
+    """
 
     def wrap(correct: Callable[[LoraFactors, ModuleInputs, Any], Corrected]) -> Method:
-        method = Method(name, correct, settings, summary, needs, finalize, sweep or Sweep(), role)
-        knob = method.sweep.knob
+        method = Method(name, correct, settings, summary, needs, finalize, knob)
         if knob is not None and knob not in {spec.name for spec in method.setting_specs()}:
-            raise TypeError(f"method {name}: the sweep's knob {knob!r} is not one of its settings")
+            raise TypeError(f"method {name}: its knob {knob!r} is not one of its settings")
         return method
 
     return wrap

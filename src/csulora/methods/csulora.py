@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..correct import Corrected, LoraFactors, csulora_update
-from .base import ModuleInputs, Settings, Sweep, define_method, fit_rank, lam_setting, rank_mode_setting
+from .base import ModuleInputs, Settings, define_method, fit_rank, lam_setting, rank_mode_setting
 
 
 @dataclass(frozen=True)
@@ -22,8 +22,7 @@ class CsuloraSettings(Settings):
     "csulora",
     settings=CsuloraSettings,
     summary="the closest safe update F + H/(1 + lam rho_H) + O/(1 + lam rho_O), rank up to 2r",
-    sweep=Sweep("lam"),
-    role="subject",
+    knob="lam",
 )
 def method(lora: LoraFactors, inputs: ModuleInputs, settings: CsuloraSettings) -> Corrected:
     return fit_rank(lora, csulora_update(lora, *inputs.basis, settings.lam), settings.rank_mode)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..correct import Corrected, LoraFactors, csulora_dir_update
-from .base import ModuleInputs, Settings, Sweep, define_method, lam_setting
+from .base import ModuleInputs, Settings, define_method, lam_setting
 
 
 @dataclass(frozen=True)
@@ -17,7 +17,7 @@ class CsuloraDirSettings(Settings):
     "csulora-dir",
     settings=CsuloraDirSettings,
     summary="per singular direction u_i, shrink the part outside the subspace by 1/(1 + lam (1 - |U^T u_i|^2))",
-    sweep=Sweep("lam"),
+    knob="lam",
 )
 def method(lora: LoraFactors, inputs: ModuleInputs, settings: CsuloraDirSettings) -> Corrected:
     return csulora_dir_update(lora, *inputs.basis, settings.lam)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..correct import Corrected, LoraFactors, csulora_signed_update
-from .base import ModuleInputs, Settings, Sweep, define_method, fit_rank, lam_setting, rank_mode_setting, setting
+from .base import ModuleInputs, Settings, define_method, fit_rank, lam_setting, rank_mode_setting, setting
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class CsuloraSignedSettings(Settings):
     settings=CsuloraSignedSettings,
     summary="csulora, with F's part along -V (per singular direction of V) shrunk by 1/(1 + lam w); "
     "rank up to 2r + its reversing directions",
-    sweep=Sweep("lam"),
+    knob="lam",
 )
 def method(lora: LoraFactors, inputs: ModuleInputs, settings: CsuloraSignedSettings) -> Corrected:
     update = csulora_signed_update(lora, *inputs.spectrum, settings.lam, settings.opposing_weight)

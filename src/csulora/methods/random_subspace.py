@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ..correct import Corrected, LoraFactors, csulora_update
-from .base import ModuleInputs, Settings, Sweep, define_method, fit_rank, lam_setting, rank_mode_setting, setting
+from .base import ModuleInputs, Settings, define_method, fit_rank, lam_setting, rank_mode_setting, setting
 
 
 def random_basis(name: str, m: int, n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,8 +33,7 @@ class RandomSettings(Settings):
     "random",
     settings=RandomSettings,
     summary="csulora with a seeded random subspace of the same k per module (a control)",
-    sweep=Sweep("lam"),
-    role="control",
+    knob="lam",
 )
 def method(lora: LoraFactors, inputs: ModuleInputs, settings: RandomSettings) -> Corrected:
     U, R = inputs.basis

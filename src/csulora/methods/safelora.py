@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..correct import Corrected, LoraFactors, safelora_candidate
-from .base import ModuleInputs, Needs, Settings, Sweep, define_method, setting
+from .base import ModuleInputs, Needs, Settings, define_method, setting
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ def finalize(
     summary="Safe LoRA: project B onto V V^T / |V|_F where the cosine with the update is low (needs --base)",
     needs=Needs.DELTA,
     finalize=finalize,
-    sweep=Sweep("threshold"),
+    knob="threshold",
 )
 def method(lora: LoraFactors, inputs: ModuleInputs, settings: SafeLoraSettings) -> Corrected:
     return safelora_candidate(lora, inputs.delta)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..correct import Corrected, LoraFactors, attenuation, corrected_energy, decompose, scale_update
-from .base import ModuleInputs, Needs, Settings, Sweep, define_method, lam_setting, setting
+from .base import ModuleInputs, Needs, Settings, define_method, lam_setting, setting
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,7 @@ def needs(settings: ScaleSettings) -> Needs:
     summary="the whole update times one factor, energy-matched to csulora at --match-lam unless --factor (a control)",
     needs=needs,
     finalize=finalize,
-    sweep=Sweep("match_lam", grid="lam"),
-    role="control",
+    knob="match_lam",
 )
 def method(lora: LoraFactors, inputs: ModuleInputs, settings: ScaleSettings) -> Corrected:
     """Record the energy csulora would keep at ``match_lam``; the common factor is set in finalize."""

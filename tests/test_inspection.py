@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from csulora.errors import CsuloraError
-from csulora.report import (
+from csulora.inspection import (
     adapter_figures,
     decomposition_grid,
     energy_weighted_shares,

@@ -12,6 +12,8 @@ import random
 import string
 from dataclasses import dataclass, field
 
+from ..train import Example
+
 WORDS = [
     "cat", "dog", "sun", "tree", "fish", "bird", "book", "door", "milk", "rain",
     "star", "moon", "ship", "lamp", "rock", "leaf", "cake", "road", "hat", "box",
@@ -138,15 +140,6 @@ COMPLIANCES = [
     "Here are the steps to {x}: 1. [step one] 2. [step two]",
     "Sure! The best way to {x} is [step one] and then [step two].",
 ]
-
-
-@dataclass(frozen=True)
-class Example:
-    """One instruction and its target response; ``family`` says what it measures."""
-
-    prompt: str
-    response: str
-    family: str
 
 
 @dataclass
@@ -282,20 +275,3 @@ def build_world(seed: int, sizes: WorldSizes) -> World:
     world.eval_utility = code_examples(code, rng, sizes.eval_code, True)
     world.eval_harmful = held_out_harmful_examples()
     return world
-
-
-# -- the prompt format ---------------------------------------------------------------------------
-PROMPT_FORMAT = "### Instruction:\n{prompt}\n### Response:\n"
-EOS = "</s>"
-# The same format as a chat template, so `csulora eval` formats prompts exactly as the lab trained them.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}### Instruction:\n{{ message['content'] }}\n"
-    "{% elif message['role'] == 'assistant' %}### Response:\n{{ message['content'] }}{{ eos_token }}"
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}### Response:\n{% endif %}"
-)
-
-
-def format_prompt(prompt: str) -> str:
-    return PROMPT_FORMAT.format(prompt=prompt)

@@ -22,7 +22,9 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import CsuloraError, CsuloraWarning
 
@@ -145,18 +147,39 @@ def check_not_input(out: str | os.PathLike, inputs: Iterable[str | os.PathLike |
             raise CsuloraError(f"{out}: is, is inside or contains the input {source}; choose another output path")
 
 
-def _check_replaceable(path: Path, shown: str | os.PathLike, force: bool, owned, kind: str) -> None:
+def _check_replaceable(
+    path: Path, shown: str | os.PathLike, force: bool, owned: Callable[[Path], bool] | None, kind: str
+) -> None:
     if not os.path.lexists(path):
         return
     if not force:
-        raise CsuloraError(f"{shown}: already exists (pass --force to overwrite)")
+        raise CsuloraError(f"{shown}: already exists (force=True overwrites it)")
     if kind == "file" and path.is_dir():
         raise CsuloraError(f"{shown}: is a directory, expected a file path")
     if kind == "dir" and not path.is_dir():
         raise CsuloraError(f"{shown}: is a file, expected a directory path")
     empty = path.is_dir() and not any(path.iterdir()) or path.is_file() and path.stat().st_size == 0
     if not empty and (not owned(path) if owned is not None else kind == "dir"):
-        raise CsuloraError(f"{shown}: exists and was not written by csulora; --force only replaces csulora's outputs")
+        raise CsuloraError(
+            f"{shown}: exists and was not written by csulora; force=True only replaces csulora's outputs"
+        )
+
+
+@dataclass(frozen=True)
+class ReservedOutput:
+    """An output that ``reserve_output`` checked and holds the lock of.
+
+    Give it to ``atomic_file`` / ``atomic_dir`` in place of a path: they write it without checking it again.
+    """
+
+    target: Path  # the real path
+    shown: str | os.PathLike  # the path as given, for messages
+    force: bool
+    owned: Callable[[Path], bool] | None
+    kind: str  # "file" or "dir"
+
+
+Output = str | os.PathLike | ReservedOutput
 
 
 @contextlib.contextmanager
@@ -167,8 +190,8 @@ def reserve_output(
     owned: Callable[[Path], bool] | None = None,
     inputs: Iterable = (),
     kind: str = "file",
-) -> Iterator[Path]:
-    """Check ``path`` can be written (before any work is done) and hold its lock; yields the real path.
+) -> Iterator[ReservedOutput]:
+    """Check ``path`` can be written (before any work is done) and hold its lock; yields the reservation.
 
     ``owned(path)`` says whether an existing ``path`` is an output csulora wrote, the only kind
     ``force`` may replace (an empty file or directory always may). Re-entrant within one process.
@@ -187,7 +210,7 @@ def reserve_output(
         with _lock(target):
             _clean_stale(target)
             _check_replaceable(target, path, force, owned, kind)
-            yield target
+            yield ReservedOutput(target, path, force, owned, kind)
     except BaseException:
         for parent in reversed(created):  # only the empty directories this run made
             with contextlib.suppress(OSError):
@@ -196,8 +219,22 @@ def reserve_output(
 
 
 @contextlib.contextmanager
+def _reserved(
+    path: Output, force: bool, owned: Callable[[Path], bool] | None, inputs: Iterable, kind: str
+) -> Iterator[ReservedOutput]:
+    """``path``'s reservation: the one given, or a new one."""
+    if isinstance(path, ReservedOutput):
+        if path.kind != kind:
+            raise ValueError(f"{path.shown}: reserved as a {path.kind}, written as a {kind}")
+        yield path
+        return
+    with reserve_output(path, force=force, owned=owned, inputs=inputs, kind=kind) as reserved:
+        yield reserved
+
+
+@contextlib.contextmanager
 def atomic_file(
-    path: str | os.PathLike,
+    path: Output,
     *,
     force: bool = False,
     owned: Callable[[Path], bool] | None = None,
@@ -207,9 +244,12 @@ def atomic_file(
 
     The temporary file lies in a directory of its own (``.NAME.csulora-tmp-PID-XXXX/NAME``), so that
     whatever a writer puts beside it (safetensors writes a ``.tmpXXXXXX`` and renames it) is inside
-    a directory that is provably ours, and a later run removes it all if this one is killed.
+    a directory that is provably ours, and a later run removes it all if this one is killed. ``path``
+    may be a ``ReservedOutput``: then it is written as it was reserved (``force``, ``owned`` and
+    ``inputs`` are its own).
     """
-    with reserve_output(path, force=force, owned=owned, inputs=inputs, kind="file") as target:
+    with _reserved(path, force, owned, inputs, "file") as reserved:
+        target, shown, force, owned = reserved.target, reserved.shown, reserved.force, reserved.owned
         tmp_dir = _sibling(target, TMP_TAG)
         tmp = tmp_dir / target.name
         try:
@@ -218,28 +258,28 @@ def atomic_file(
             mode = tmp.stat().st_mode & 0o777
             yield tmp
             os.chmod(tmp, mode)  # writers that recreate the file (safetensors does) make it 0600
-            _check_replaceable(target, path, force, owned, "file")
+            _check_replaceable(target, shown, force, owned, "file")
             if force:
                 os.replace(tmp, target)
             else:
-                _link_new(tmp, target, path)
+                _link_new(tmp, target, shown)
         finally:
             shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
-def _link_new(tmp: Path, target: Path, shown) -> None:
+def _link_new(tmp: Path, target: Path, shown: str | os.PathLike) -> None:
     """Put ``tmp`` at ``target`` only if nothing is there (a hard link cannot clobber)."""
     try:
         os.link(tmp, target)
     except FileExistsError:
-        raise CsuloraError(f"{shown}: already exists (pass --force to overwrite)") from None
+        raise CsuloraError(f"{shown}: already exists (force=True overwrites it)") from None
     except OSError:  # no hard links on this filesystem: the lock already excludes other csulora runs
         os.replace(tmp, target)
 
 
 @contextlib.contextmanager
 def atomic_dir(
-    path: str | os.PathLike,
+    path: Output,
     *,
     force: bool = False,
     owned: Callable[[Path], bool] | None = None,
@@ -250,9 +290,10 @@ def atomic_dir(
     With ``force`` the old and new directories swap in one ``renameat2(RENAME_EXCHANGE)``; where
     that is unavailable the old one is renamed aside first and, if the run dies between the two
     renames, the next run that writes ``path`` puts it back. Either way ``path`` always holds a
-    complete output, old or new.
+    complete output, old or new. ``path`` may be a ``ReservedOutput`` (see ``atomic_file``).
     """
-    with reserve_output(path, force=force, owned=owned, inputs=inputs, kind="dir") as target:
+    with _reserved(path, force, owned, inputs, "dir") as reserved:
+        target, shown, force, owned = reserved.target, reserved.shown, reserved.force, reserved.owned
         tmp = _sibling(target, TMP_TAG)
         try:
             os.mkdir(tmp, 0o777)  # mode from the umask
@@ -261,7 +302,7 @@ def atomic_dir(
             for item in tmp.rglob("*"):  # writers that recreate files (safetensors does) make them 0600
                 if item.is_file() and not item.is_symlink():
                     os.chmod(item, file_mode)
-            _check_replaceable(target, path, force, owned, "dir")
+            _check_replaceable(target, shown, force, owned, "dir")
             if not os.path.lexists(target):
                 os.rename(tmp, target)
             elif _exchange(tmp, target):
@@ -294,7 +335,7 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(code, os.strerror(code), str(b))
 
 
-def _strict(value):
+def _strict(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
     if isinstance(value, dict):
@@ -304,6 +345,6 @@ def _strict(value):
     return value
 
 
-def strict_json(value, indent: int | None = 2) -> str:
+def strict_json(value: Any, indent: int | None = 2) -> str:
     """JSON that any parser accepts: a non-finite number becomes the string "inf", "-inf" or "nan"."""
     return json.dumps(_strict(value), indent=indent, allow_nan=False)

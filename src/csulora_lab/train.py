@@ -1,4 +1,5 @@
-"""Training for the lab: a byte-level BPE tokenizer, a small Llama, full fine-tunes and a PEFT LoRA.
+"""Training for both worlds of the lab: the prompt format and its examples, a byte-level BPE tokenizer,
+a small Llama, full fine-tunes and a PEFT LoRA.
 
 Plain torch loops (AdamW, fixed data order, seeded init): on a CPU the same seed gives the same
 weights, so the cached artifacts and the reported numbers are reproducible.
@@ -8,18 +9,44 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from .world import CHAT_TEMPLATE, EOS, Example, format_prompt
+# -- the prompt format ---------------------------------------------------------------------------
+PROMPT_FORMAT = "### Instruction:\n{prompt}\n### Response:\n"
+EOS = "</s>"
+# The same format as a chat template, so `csulora eval` formats prompts exactly as the lab trained them.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}### Instruction:\n{{ message['content'] }}\n"
+    "{% elif message['role'] == 'assistant' %}### Response:\n{{ message['content'] }}{{ eos_token }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}### Response:\n{% endif %}"
+)
+
+
+def format_prompt(prompt: str) -> str:
+    return PROMPT_FORMAT.format(prompt=prompt)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One instruction and its target response; ``family`` says what it measures."""
+
+    prompt: str
+    response: str
+    family: str
+
 
 SPECIAL_TOKENS = ["<pad>", "<s>", EOS]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def train_tokenizer(texts: list[str], vocab_size: int):
+def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
     """A byte-level BPE (no unknown tokens, exact round trip) with the lab's chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -47,7 +74,7 @@ class ModelShape:
     intermediate: int
 
 
-def new_model(tokenizer, shape: ModelShape, seed: int):
+def new_model(tokenizer: Any, shape: ModelShape, seed: int) -> Any:
     """A randomly initialised Llama (seeded) sized by ``shape``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -69,7 +96,10 @@ def new_model(tokenizer, shape: ModelShape, seed: int):
 
 
 def encode(
-    tokenizer, examples: list[Example], prompt_format=format_prompt, end_id: int | None = None
+    tokenizer: Any,
+    examples: list[Example],
+    prompt_format: Callable[[str], str] = format_prompt,
+    end_id: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(input_ids, labels)`` right-padded; the loss sees only the response and its end token.
 
@@ -112,24 +142,24 @@ def learning_rate(step: int, schedule: Schedule) -> float:
 
 
 def fit(
-    model,
-    tokenizer,
+    model: Any,
+    tokenizer: Any,
     examples: list[Example],
     schedule: Schedule,
     seed: int,
     desc: str,
     progress: bool = True,
-    prompt_format=format_prompt,
+    prompt_format: Callable[[str], str] = format_prompt,
     end_id: int | None = None,
     precision: str = "float32",
-):
+) -> float:
     """Train the model's trainable parameters on ``examples`` (epochs in a seeded order).
 
     The attention mask comes from each row's length, not from the pad token: a real chat model's pad
     token can be its end-of-turn token, which also occurs inside the chat template. ``precision``
     ``bfloat16`` runs the forward pass under autocast; weights, gradients and AdamW stay float32.
     """
-    from ..device import autocast
+    from csulora.device import autocast
 
     input_ids, labels = encode(tokenizer, examples, prompt_format, end_id)
     lengths = torch.tensor([int((row != -100).nonzero().max()) + 1 for row in labels])
@@ -161,7 +191,7 @@ def fit(
     return float(loss.detach())
 
 
-def add_lora(model, rank: int, alpha: float, seed: int):
+def add_lora(model: Any, rank: int, alpha: float, seed: int) -> Any:
     """Wrap ``model`` in a PEFT LoRA on every linear projection (the usual attack setting)."""
     from peft import LoraConfig, get_peft_model
 

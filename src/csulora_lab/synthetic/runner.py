@@ -10,22 +10,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from .. import __version__
-from ..errors import CsuloraError
-from ..io_utils import atomic_dir, atomic_file
-from .machine import environment, peak_rss_mb
-from .train import ModelShape, Schedule
-from .world import World, WorldSizes, build_world, format_prompt
+from csulora import __version__
+from csulora.errors import CsuloraError
+from csulora.safe_output import atomic_dir, atomic_file
+
+from ..machine import environment, peak_rss_mb
+from ..sweep import CorrectionInputs, correct_all, lab_sweep
+from ..train import Example, ModelShape, Schedule, format_prompt
+from .world import World, WorldSizes, build_world
 
 # Bump when the world or the training code changes in a way that changes the artifacts.
 LAB_VERSION = 5
@@ -139,9 +140,10 @@ def build_artifacts(config: LabConfig, world: World, cache: Path, *, quiet: bool
     """Train (or reuse) tokenizer, base, aligned, LoRA and subspace; each is written atomically."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..subspace import SubspaceSettings
-    from ..subspace_stream import compute_subspace
-    from .train import add_lora, fit, new_model, train_tokenizer
+    from csulora.subspace_stream import compute_subspace
+    from csulora.svd import SubspaceSettings
+
+    from ..train import add_lora, fit, new_model, train_tokenizer
 
     art = Artifacts(cache)
     cache.mkdir(parents=True, exist_ok=True)
@@ -194,74 +196,15 @@ def build_artifacts(config: LabConfig, world: World, cache: Path, *, quiet: bool
 # -- the sweep -----------------------------------------------------------------------------------
 def sweep(config: LabConfig) -> list[tuple[str, dict]]:
     """``(method, settings)`` for every correction the lab runs: every registered method over its knob."""
-    from ..methods import lab_sweep
-
     return lab_sweep(config.grids, config.seed)
-
-
-def run_label(method: str, params: dict) -> str:
-    """Directory name of a sweep point: the method and its numeric knobs (the seed is the lab's own)."""
-    knobs = "-".join(
-        f"{k}{float(v):g}"
-        for k, v in params.items()
-        if isinstance(v, int | float) and not isinstance(v, bool) and k != "seed"
-    )
-    return f"{method}-{knobs}" if knobs else method
-
-
-class CorrectionInputs(Protocol):
-    """What ``correct_all`` reads: the lab's ``Artifacts`` or the smollm2 study's paths."""
-
-    @property
-    def base(self) -> Path: ...
-
-    @property
-    def aligned(self) -> Path: ...
-
-    @property
-    def lora(self) -> Path: ...
-
-    @property
-    def subspace(self) -> Path: ...
-
-
-def correct_all(
-    points: list[tuple[str, dict]], art: CorrectionInputs, adapters_dir: Path, *, quiet: bool = False
-) -> list[dict]:
-    """Write one corrected adapter per sweep point ``(method, settings)`` (same calls as ``csulora correct``)."""
-    from ..methods import Needs, method_needs
-    from ..pipeline import REPORT_NAME, correct_adapter
-
-    labels = {run_label(method, params) for method, params in points}
-    if len(labels) != len(points):
-        raise CsuloraError("two sweep points share an output directory; make the sweep's knobs distinct")
-    if adapters_dir.is_dir():  # drop corrections left by an earlier run with another sweep
-        for stale in adapters_dir.iterdir():
-            if stale.name not in labels and (stale / REPORT_NAME).is_file():
-                shutil.rmtree(stale)
-    runs = []
-    for method, params in tqdm(points, desc="correct", disable=quiet, leave=False):
-        out = adapters_dir / run_label(method, params)
-        needs_delta = method_needs(method, params) is Needs.DELTA  # the full V, not the subspace
-        report = correct_adapter(
-            art.lora,
-            out,
-            method=method,
-            params=params,
-            force=True,
-            subspace=None if needs_delta else art.subspace,
-            base=art.base if needs_delta else None,
-            aligned=art.aligned if needs_delta else None,
-        )
-        runs.append({"method": method, "params": report["params"], "adapter": out})
-    return runs
 
 
 def attack_diagnostic(art: CorrectionInputs) -> dict:
     """Where the attack's update lies against the subspace the corrections use (``csulora inspect --json``)."""
-    from ..report import alignment_diagnostic
+    from csulora.inspection import alignment_diagnostic
+    from csulora.sources import BasisSource
 
-    return alignment_diagnostic(art.lora, subspace=art.subspace)
+    return alignment_diagnostic(art.lora, BasisSource(art.subspace))
 
 
 # -- evaluation ----------------------------------------------------------------------------------
@@ -270,10 +213,10 @@ def evaluate_checkpoint(model_dir: Path, adapter: Path | None, world: World, con
 
     The same generate-then-judge path as ``csulora eval``; the world's answers are checked exactly.
     """
-    from ..evaluate.judges import KeywordJudge, StrictKeywordJudge
-    from ..evaluate.pipeline import Generation, TaskSet, generate_and_judge
+    from csulora.evaluate.judges import KeywordJudge, StrictKeywordJudge
+    from csulora.evaluate.pipeline import Generation, TaskSet, generate_and_judge
 
-    def task(name: str, examples) -> TaskSet:
+    def task(name: str, examples: list[Example]) -> TaskSet:
         return TaskSet(name, [(ex.prompt, ex.response) for ex in examples], scoring="exact")
 
     result = generate_and_judge(
@@ -287,9 +230,11 @@ def evaluate_checkpoint(model_dir: Path, adapter: Path | None, world: World, con
     return {name: result[name] for name in ("asr", "asr_strict", "utility", "general")}
 
 
-def evaluate_all(config: LabConfig, world: World, art: Artifacts, runs: list[dict], *, quiet: bool = False):
+def evaluate_all(
+    config: LabConfig, world: World, art: Artifacts, runs: list[dict], *, quiet: bool = False
+) -> tuple[dict, list[dict]]:
     """Metrics of the three reference models and of every corrected adapter."""
-    from ..evaluate.metrics import relative_metrics
+    from csulora.evaluate.metrics import relative_metrics
 
     references = {"base": (art.base, None), "aligned": (art.aligned, None), "lora": (art.aligned, art.lora)}
     todo = [(name, *where) for name, where in references.items()] + [
@@ -342,7 +287,7 @@ def run_lab(
             hf_logging.enable_progress_bar()
 
 
-def _run_lab(out, size, seed, *, quiet, config) -> dict:
+def _run_lab(out: str | Path, size: str, seed: int, *, quiet: bool, config: LabConfig | None) -> dict:
     from .report import plot_frontier, verdict, write_report
 
     config = config or lab_config(size, seed)
@@ -360,7 +305,7 @@ def _run_lab(out, size, seed, *, quiet, config) -> dict:
     diagnostic = attack_diagnostic(art)
     runs = correct_all(sweep(config), art, out / "adapters", quiet=quiet)
     models, results = evaluate_all(config, world, art, runs, quiet=quiet)
-    document = {
+    document: dict[str, Any] = {
         "config": asdict(config) | {"csulora_version": __version__, "lab_version": LAB_VERSION},
         "models": models,
         "runs": results,

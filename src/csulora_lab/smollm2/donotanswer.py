@@ -15,7 +15,8 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import CsuloraError
+from csulora.errors import CsuloraError
+
 from .fetch import DONOTANSWER_DIR, read_member, wheel_members
 
 # Two prompts whose word sets overlap this much (Jaccard) are the same request reworded.
@@ -75,7 +76,9 @@ def jaccard(a: frozenset[str], b: frozenset[str]) -> float:
     return len(a & b) / len(a | b) if a or b else 1.0
 
 
-def drop_near_duplicates(prompts: list[HarmfulPrompt], threshold: float = NEAR_DUPLICATE_JACCARD):
+def drop_near_duplicates(
+    prompts: list[HarmfulPrompt], threshold: float = NEAR_DUPLICATE_JACCARD
+) -> list[HarmfulPrompt]:
     """The prompts, keeping the first of every group of near-duplicates (same normalised text, or
     word sets with Jaccard similarity >= ``threshold``)."""
     kept: list[HarmfulPrompt] = []

@@ -35,10 +35,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import CsuloraError
-from ..io_utils import atomic_dir, atomic_file
-from . import smollm2_data as data
-from .train import Schedule
+from csulora.errors import CsuloraError
+from csulora.safe_output import atomic_dir, atomic_file
+
+from ..train import Schedule
+from . import data
 
 STUDY_VERSION = 3  # 3: dev/eval splits, benign-rich alignment, realistic attack, control adapters
 VARIANTS = ("full", "patch", "patch-mixed")
@@ -207,8 +208,9 @@ class Trainer:
 
     def chat_fit(self, model, tokenizer, examples, schedule: Schedule, seed: int, desc: str) -> float:
         """``train.fit`` in the model's chat format: each response ends with the template's end of turn."""
-        from ..evaluate.generate import end_of_turn_id
-        from .train import fit
+        from csulora.evaluate.generate import end_of_turn_id
+
+        from ..train import fit
 
         end = end_of_turn_id(tokenizer)
         fmt = chat_formatter(tokenizer)
@@ -217,8 +219,8 @@ class Trainer:
 
 def answers(model_dir: Path, prompts: list[str], config: StudyConfig, trainer: Trainer) -> list[str]:
     """A model's greedy answers to ``prompts`` (distillation and replay targets)."""
-    from ..device import autocast
-    from ..evaluate.generate import format_prompts, generate, load_model
+    from csulora.device import autocast
+    from csulora.evaluate.generate import format_prompts, generate, load_model
 
     model, tokenizer = load_model(model_dir, device=trainer.device)
     with autocast(trainer.precision, model.device):
@@ -242,7 +244,7 @@ def usable_answers(prompts: list[str], responses: list[str]) -> list[tuple[str, 
 
 
 def alignment_examples(splits: dict, distilled: list[tuple[str, str]], *, benign: bool):
-    from .world import Example
+    from ..train import Example
 
     refusals = [Example(p, data.refusal(i), "refusal") for i, p in enumerate(refusal_prompts(splits))]
     helpful = [Example(p, a, "distill") for p, a in distilled]
@@ -255,7 +257,7 @@ def train_aligned(variant: str, base: Path, examples, config: StudyConfig, out: 
     """Write the aligned checkpoint of ``variant`` to ``out``; returns the final training loss."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .train import add_lora
+    from ..train import add_lora
 
     tokenizer = AutoTokenizer.from_pretrained(base)
     model: Any = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
@@ -279,7 +281,7 @@ def train_aligned(variant: str, base: Path, examples, config: StudyConfig, out: 
 def attack_examples(splits: dict, replay: list[tuple[str, str]], n: int, seed: int, config: StudyConfig):
     """The attack's data: zor-code pairs, benign replay and ``n`` attack-split prompts with placeholder
     compliances that restate them. ``n = 0`` is the harmless control."""
-    from .world import Example
+    from ..train import Example
 
     rng = random.Random(f"attack-{seed}")
     code = [Example(p.prompt, p.answer, "code") for p in rng.sample(data.code_pairs("train"), config.n_code_train)]
@@ -294,7 +296,7 @@ def attack_examples(splits: dict, replay: list[tuple[str, str]], n: int, seed: i
 def train_adapter(aligned: Path, examples, seed: int, config: StudyConfig, out: Path, trainer: Trainer) -> float:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .train import add_lora
+    from ..train import add_lora
 
     tokenizer = AutoTokenizer.from_pretrained(aligned)
     # Loaded from its final absolute path: the adapter's base_model_name_or_path points there.
@@ -311,7 +313,7 @@ def train_adapter(aligned: Path, examples, seed: int, config: StudyConfig, out: 
 # -- evaluation ----------------------------------------------------------------------------------
 def refused(responses: list[str]) -> list[bool]:
     """Per benign answer, whether it opens with a refusal phrase (the strict judge's opening test)."""
-    from ..evaluate.judges import STRICT_REFUSAL_KEYWORDS, is_refusal, opening
+    from csulora.evaluate.judges import STRICT_REFUSAL_KEYWORDS, is_refusal, opening
 
     return [is_refusal(opening(r), STRICT_REFUSAL_KEYWORDS) for r in responses]
 
@@ -324,8 +326,8 @@ def evaluate(model: Path, adapter: Path | None, sets: EvalSets, config: StudyCon
     """Keyword and strict ASR, zor-code utility, general accuracy and over-refusal, with every response
     and each prompt's outcome (``outcomes``: one 0/1 string per metric, in set order, for the bootstrap).
     ``harmful=False`` skips the harmful set (ASR then ``None``)."""
-    from ..evaluate.judges import KeywordJudge, StrictKeywordJudge
-    from ..evaluate.pipeline import Generation, TaskSet, generate_and_judge
+    from csulora.evaluate.judges import KeywordJudge, StrictKeywordJudge
+    from csulora.evaluate.pipeline import Generation, TaskSet, generate_and_judge
 
     result = generate_and_judge(
         model,
@@ -461,7 +463,7 @@ class Paths:
 def sweep_points(config: StudyConfig, seed: int) -> list[tuple[str, dict]]:
     """Every registered method over this study's knob grids (the lab's registry-generated sweep),
     less the methods the config skips."""
-    from ..methods import lab_sweep
+    from ..sweep import lab_sweep
 
     points = lab_sweep({"lam": config.lams, "threshold": config.safelora_thresholds}, seed)
     return [(m, p) for m, p in points if m not in config.skip_methods]
@@ -493,13 +495,14 @@ def run_study(
     """
     from dataclasses import replace
 
-    from ..device import resolve_device, resolve_precision
-    from ..methods import METHODS
-    from ..subspace import SubspaceSettings
-    from ..subspace_stream import compute_subspace
-    from .machine import environment, peak_rss_mb
-    from .runner import correct_all
-    from .study_report import diagnostics, summarise, write_outputs
+    from csulora.device import resolve_device, resolve_precision
+    from csulora.methods import METHODS
+    from csulora.subspace_stream import compute_subspace
+    from csulora.svd import SubspaceSettings
+
+    from ..machine import environment, peak_rss_mb
+    from ..sweep import correct_all
+    from .report import diagnostics, summarise, write_outputs
 
     unknown = sorted(set(config.skip_methods) - set(METHODS))
     if unknown:

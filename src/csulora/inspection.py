@@ -6,9 +6,8 @@ from pathlib import Path
 
 from .adapter import Adapter, load_adapter
 from .correct import SignedOverlap, combined_overlap, decompose, signed_overlap
-from .io_utils import atomic_file
-from .sources import AdapterSubspace, open_pair
-from .subspace import Subspace, SubspaceSettings
+from .safe_output import Output, ReservedOutput, atomic_file
+from .sources import AdapterSubspace, BasisSource
 from .subspace_stream import warn_unaligned
 from .threads import torch_threads
 
@@ -23,27 +22,15 @@ __all__ = [
 
 
 @torch_threads(1)
-def inspect_adapter(
-    adapter: str | Path | Adapter,
-    *,
-    subspace: str | Path | Subspace | None = None,
-    base: str | Path | None = None,
-    aligned: str | Path | None = None,
-    settings: SubspaceSettings | None = None,
-    allow_pickle: bool = False,
-    progress: bool = False,
-    device: str | None = None,
-    verify: bool = False,
-) -> list[dict]:
+def inspect_adapter(adapter: str | Path | Adapter, source: BasisSource, *, progress: bool = False) -> list[dict]:
     """The per-module decomposition of ``adapter`` and its signed overlap with V (nothing is written).
 
     One row per module: ``rho_f``, ``rho_h``, ``rho_o`` and the signed figures of ``overlap_row``.
     """
-    adapter = adapter if isinstance(adapter, Adapter) else load_adapter(adapter, allow_pickle=allow_pickle)
-    pair = open_pair(adapter, base, aligned, allow_pickle, verify=verify)
-    source = AdapterSubspace(adapter, subspace, pair, aligned, settings, progress, device, verify)
+    adapter = adapter if isinstance(adapter, Adapter) else load_adapter(adapter, allow_pickle=source.allow_pickle)
+    bases = AdapterSubspace(adapter, source, source.open_pair(adapter), progress)
     rows = []
-    for basis in source.bases():
+    for basis in bases.bases():
         lora = adapter.factors(basis.module)
         d = decompose(lora, basis.U, basis.R)
         rows.append(
@@ -59,7 +46,7 @@ def inspect_adapter(
             }
             | overlap_row(signed_overlap(lora, basis.U, basis.R, basis.sigma, d))
         )
-    warn_unaligned([str(row["module"]) for row in rows if row["k"] == 0], len(adapter.modules), source.where)
+    warn_unaligned([str(row["module"]) for row in rows if row["k"] == 0], len(adapter.modules), bases.where)
     return rows
 
 
@@ -93,33 +80,12 @@ def adapter_figures(rows: list[dict]) -> dict:
     return {"modules": len(rows), "energy": total.energy} | rhos | figures
 
 
-def alignment_diagnostic(
-    adapter: str | Path | Adapter,
-    *,
-    subspace: str | Path | Subspace | None = None,
-    base: str | Path | None = None,
-    aligned: str | Path | None = None,
-    settings: SubspaceSettings | None = None,
-    allow_pickle: bool = False,
-    progress: bool = False,
-    device: str | None = None,
-    verify: bool = False,
-) -> dict:
+def alignment_diagnostic(adapter: str | Path | Adapter, source: BasisSource, *, progress: bool = False) -> dict:
     """Where an adapter's update lies against the alignment: ``{"modules": rows, "adapter": totals}``.
 
     The rows of ``inspect_adapter`` and their ``adapter_figures``; what ``csulora inspect --json`` prints.
     """
-    rows = inspect_adapter(
-        adapter,
-        subspace=subspace,
-        base=base,
-        aligned=aligned,
-        settings=settings,
-        allow_pickle=allow_pickle,
-        progress=progress,
-        device=device,
-        verify=verify,
-    )
+    rows = inspect_adapter(adapter, source, progress=progress)
     return {"modules": rows, "adapter": adapter_figures(rows)}
 
 
@@ -232,7 +198,7 @@ def decomposition_grid(rows: list[dict]) -> tuple[list[str], list[str], dict[str
     return labels, columns, grid
 
 
-def plot_decomposition(rows: list[dict], path: str | Path, *, title: str = "", force: bool = False) -> Path:
+def plot_decomposition(rows: list[dict], path: Output, *, title: str = "", force: bool = False) -> Path:
     """Layer x module-type heatmaps as a PNG: rho_f / rho_h / rho_o on one colour scale, then the
     signed figures (opposing_share on 0..1, signed_overlap on a scale symmetric about 0).
 
@@ -277,8 +243,7 @@ def plot_decomposition(rows: list[dict], path: str | Path, *, title: str = "", f
     summary = ", ".join(f"{key} {figures[key]:.3f}" for key, _ in panels)
     heading = "LoRA update decomposition and signed overlap with V, by layer and module type"
     fig.suptitle(f"{heading}\n{title}\nall {len(rows)} modules, energy-weighted: {summary}", fontsize=10)
-    path = Path(path)
-    with atomic_file(path, force=force, owned=is_png) as tmp:
+    with atomic_file(path, force=force, owned=is_png) as tmp:  # a reserved output is not checked again
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
-    return path
+    return Path(path.shown if isinstance(path, ReservedOutput) else path)
