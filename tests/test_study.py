@@ -110,13 +110,17 @@ def test_an_evaluation_prompt_that_is_also_trained_on_is_refused():
 def test_a_changed_training_text_retrains_but_a_changed_schedule_keeps_the_distilled_answers(monkeypatch):
     from dataclasses import replace
 
-    from csulora.lab.study import StudyConfig, training_data_digest
-    from csulora.lab.train import Schedule
+    from csulora_lab.smollm2.study import StudyConfig, training_data_digest
+    from csulora_lab.train import Schedule
 
     splits = {k: [{"text": f"{k} {i}", "area": "a"} for i in range(60)] for k in ("align", "attack", "eval")}
     config, digest = StudyConfig(), training_data_digest(splits)
     faster = replace(config, align_full=Schedule(steps=10, batch_size=16, lr=1e-4))
     assert faster.training_key(digest) != config.training_key(digest)
+    patch = replace(config, align_patch=Schedule(steps=10, batch_size=16, lr=1e-4))  # tuning another variant
+    assert patch.variant_key("full", digest) == config.variant_key("full", digest)
+    assert patch.training_key(digest) == config.training_key(digest)  # the attacks on `full` are kept
+    assert patch.variant_key("patch", digest) != config.variant_key("patch", digest)
     prompts = data.benign_train_prompts()
     assert faster.distill_key(prompts, "cpu") == config.distill_key(prompts, "cpu")
     assert config.distill_key(prompts[1:], "cpu") != config.distill_key(prompts, "cpu")
@@ -281,7 +285,7 @@ def test_the_study_runs_end_to_end_and_a_rerun_reuses_every_stage(tmp_path, monk
     shutil.copytree(tmp_path / "study", moved)
     saved = json.loads((moved / "results.json").read_text())
     assert saved["checkpoints"]["base"] == str(base.resolve())
-    assert saved["checkpoints"]["aligned-patch"].startswith("cache/train-")
+    assert saved["checkpoints"]["aligned-patch"].startswith("cache/aligned-patch-")
     assert (moved / saved["checkpoints"]["aligned-full"] / "config.json").is_file()
     relative = [run["adapter"] for run in saved["runs"]] + [a["lora"] for a in saved["adapters_trained"]]
     relative += list(saved["evaluations"]["records"].values())

@@ -20,6 +20,7 @@ from csulora.safe_output import atomic_file
 
 from ..gates import ALIGNED_MAX_ASR, BASE_MIN_ASR, GENERAL_TOLERANCE
 from ..sweep import knob_label, method_order, methods_with_role, subject
+from .study import VARIANT_SCHEDULES
 
 MAX_OVER_REFUSAL = 0.10
 ATTACK_RISE = 0.4  # ASR of every attacked model at least this far above the aligned model's
@@ -353,9 +354,6 @@ def _gate_text(gates: dict) -> str:
     )
 
 
-SCHEDULES = {"full": "align_full", "patch": "align_patch", "patch-mixed": "align_patch_mixed"}
-
-
 def recipe_lines(document: dict) -> list[str]:
     """How each aligned model and the attack were trained (the recipe a reader would rerun)."""
     config, data = document["config"], document.get("training_data", {})
@@ -366,7 +364,7 @@ def recipe_lines(document: dict) -> list[str]:
         "cosine decay):"
     ]
     for variant in config["variants"]:
-        s = config[SCHEDULES[variant]]
+        s = config[VARIANT_SCHEDULES[variant]]
         what = "every linear projection" if variant == "full" else f"a rank-{config['patch_rank']} LoRA, merged"
         loss = losses.get(f"aligned-{variant}")
         tail = f"; final loss {loss:.3f}" if loss is not None else ""

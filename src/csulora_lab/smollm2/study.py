@@ -57,7 +57,7 @@ class StudyConfig:
     split: str = "eval"  # or "dev": the sets the recipes are tuned on
     precision: str = "auto"  # bfloat16 autocast where native, float32 elsewhere (device.resolve_precision)
     align_full: Schedule = Schedule(steps=150, batch_size=16, lr=3e-5)  # ~1.25 epochs
-    align_patch: Schedule = Schedule(steps=60, batch_size=16, lr=2e-4)  # ~2 epochs of refusals
+    align_patch: Schedule = Schedule(steps=20, batch_size=16, lr=1e-4)  # 60 at 2e-4 refused every prompt
     align_patch_mixed: Schedule = Schedule(steps=100, batch_size=16, lr=2e-4)
     patch_rank: int = 8
     attack: Schedule = Schedule(steps=64, batch_size=16, lr=1e-3)  # ~2 epochs
@@ -82,11 +82,20 @@ class StudyConfig:
     n_eval_tasks: int | None = None
     bootstrap: int = 1000
 
+    def variant_key(self, variant: str, data_digest: str) -> str:
+        """What the aligned model of ``variant`` depends on: its own recipe, the precision and the texts
+        (so that tuning one variant keeps the others)."""
+        recipe: dict[str, Any] = {"schedule": asdict(getattr(self, VARIANT_SCHEDULES[variant]))}
+        if variant != "full":
+            recipe["rank"] = self.patch_rank
+        fields = {"variant": variant, "recipe": recipe, "precision": self.precision}
+        return _key(fields | {"v": STUDY_VERSION, "data": data_digest})
+
     def training_key(self, data_digest: str) -> str:
-        """What the trained models depend on: the training fields and the training texts' digest."""
-        fields = {k: v for k, v in asdict(self).items() if k not in EVALUATION_FIELDS}
-        fields |= {"v": STUDY_VERSION, "data": data_digest}
-        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
+        """What the attacks and controls depend on: the sweep variant's alignment and the attack fields."""
+        fields = {k: v for k, v in asdict(self).items() if k not in EVALUATION_FIELDS + ALIGNMENT_FIELDS}
+        fields |= {"aligned": self.variant_key(self.sweep_variant, data_digest)}
+        return _key(fields | {"v": STUDY_VERSION, "data": data_digest})
 
     def distill_key(self, prompts: list[str], device: str) -> str:
         """What the base's answers depend on (not the schedules): a new recipe reuses them."""
@@ -107,6 +116,12 @@ def training_data_digest(splits: dict) -> str:
     return hashlib.sha256(json.dumps(texts).encode()).hexdigest()[:10]
 
 
+def _key(fields: dict) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
+
+
+VARIANT_SCHEDULES = {"full": "align_full", "patch": "align_patch", "patch-mixed": "align_patch_mixed"}
+ALIGNMENT_FIELDS = (*VARIANT_SCHEDULES.values(), "patch_rank")  # in each variant's own key
 EVALUATION_FIELDS = (
     "seeds",
     "main_n",
@@ -515,7 +530,8 @@ def run_study(
     start = time.perf_counter()
     cpu_start = time.process_time()
     machine = environment(torch.get_num_threads())
-    cache = out / "cache" / f"train-{config.training_key(training_data_digest(splits))}"
+    digest = training_data_digest(splits)
+    cache = out / "cache" / f"train-{config.training_key(digest)}"
     cache.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(str(dev), config.precision, not quiet)
     sets = eval_sets(splits, config)
@@ -537,13 +553,13 @@ def run_study(
     models: dict = {"base": evaluator("base", base)}
     aligned_dirs, losses = {}, {}
     for variant in config.variants:
-        aligned = aligned_dirs[variant] = cache / f"aligned-{variant}"
+        aligned = aligned_dirs[variant] = out / "cache" / f"aligned-{variant}-{config.variant_key(variant, digest)}"
         if not aligned.is_dir():
             _log(f"aligned ({variant}): training {aligned}", quiet)
             examples = alignment_examples(splits, distilled, benign=variant != "patch")
             with timed(f"align-{variant}"):
-                losses[aligned.name] = train_aligned(variant, base, examples, config, aligned, trainer)
-        models[aligned.name] = evaluator(aligned.name, aligned)
+                losses[f"aligned-{variant}"] = train_aligned(variant, base, examples, config, aligned, trainer)
+        models[f"aligned-{variant}"] = evaluator(f"aligned-{variant}", aligned)
 
     adapters: list[dict] = []
     sweep_aligned = aligned_dirs[config.sweep_variant]
