@@ -331,7 +331,7 @@ def accuracy(base_dir: Path, aligned_dir: Path, exact_file: Path, modules: list[
         for p, q in settings_grid:
             energy_ratios, angles_u, angles_r, times, k_match = [], [], [], [], 0
             for module in modules:
-                V, _, _ = read_delta(base, aligned, module)
+                V = read_delta(base, aligned, module).V
                 U_e, R_e, S_e = (f.get_tensor(f"{module}.{s}") for s in "URS")
                 total = float(torch.sum(V.double() ** 2))
                 t = time.perf_counter()
