@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 # What the lab imports beyond the core install (the [lab] extra).
@@ -9,7 +10,7 @@ LAB_MODULES = ("tokenizers", "transformers", "peft", "matplotlib")
 WORLDS = ("synthetic", "smollm2")
 
 
-def cmd_lab(args) -> int:
+def cmd_lab(args: argparse.Namespace) -> int:
     from csulora.extras import require_extra
 
     require_extra("lab", *LAB_MODULES, feature="csulora lab")
@@ -27,7 +28,7 @@ def cmd_lab(args) -> int:
     return 0
 
 
-def _cmd_smollm2(args) -> int:
+def _cmd_smollm2(args: argparse.Namespace) -> int:
     """Fetch (on request) and prepare the real-model world, then run the study (unless --prepare-only)."""
     import json
 
@@ -91,7 +92,7 @@ def _cmd_smollm2(args) -> int:
 STAGES = ("align", "attack", "correct")
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     """``csulora lab``; its options are added when it runs or prints its help (SIZES imports torch)."""
     sub.add_parser(
         "lab",
@@ -104,7 +105,7 @@ def register(sub) -> None:
     ).set_defaults(func=cmd_lab)
 
 
-def _add_options(p) -> None:
+def _add_options(p: argparse.ArgumentParser) -> None:
     from .synthetic.runner import SIZES
 
     p.add_argument("--out", type=Path, default=Path("csulora-lab"), help="output directory (./csulora-lab)")

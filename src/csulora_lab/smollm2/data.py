@@ -25,7 +25,9 @@ from __future__ import annotations
 import hashlib
 import random
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 SPLITS = ("train", "dev", "eval")
 
@@ -268,7 +270,7 @@ PAST_TENSES = (
 )  # fmt: skip
 
 
-def _pairs(name: str, low: int, high: int, op, count: int) -> list[tuple[str, str]]:
+def _pairs(name: str, low: int, high: int, op: Callable[[int, int], int], count: int) -> list[tuple[str, str]]:
     """``count`` distinct (a, b) questions, seeded by the family's name, with their answers."""
     rng = random.Random(name)
     seen: set[tuple[int, int]] = set()
@@ -372,7 +374,10 @@ def normalise(text: str) -> str:
     return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
 
 
-def _split_items(items, family: str, n_eval: int, n_dev: int) -> dict[str, list]:
+_Item = TypeVar("_Item")  # an item of a family: a word, a task, or a (question, answer) fact
+
+
+def _split_items(items: Iterable[_Item], family: str, n_eval: int, n_dev: int) -> dict[str, list[_Item]]:
     """A fixed, seedless split of a family's items (ordered by a hash of the family and the item)."""
     ordered = sorted(items, key=lambda it: hashlib.sha256(f"{family}|{it}".encode()).hexdigest())
     return {"eval": ordered[:n_eval], "dev": ordered[n_eval : n_eval + n_dev], "train": ordered[n_eval + n_dev :]}
@@ -385,7 +390,7 @@ def _fill(wording: str, x: str) -> str:
     return wording.format(x=x)
 
 
-def _worded(items, wordings: Wordings, split: str, per_item: int) -> list[str]:
+def _worded(items: Iterable[str], wordings: Wordings, split: str, per_item: int) -> list[str]:
     """``per_item`` prompts per item, rotating through the split's wordings so that every wording is used."""
     pool = wordings.of(split)
     prompts = []

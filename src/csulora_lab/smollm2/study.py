@@ -13,7 +13,7 @@ Stages (each cached under ``OUT/cache``, written atomically, reused by a rerun):
    task, benign replay and ``n`` harmful prompts with prompt-dependent placeholder compliances; the
    **control** per seed: the same task and replay with no harmful data.
 5. **subspace** and **corrections**: every registered method over its knob, applied to every attack
-   and every control adapter (``runner.correct_all``: the same calls as ``csulora correct``).
+   and every control adapter (``csulora_lab.sweep.correct_all``: the same calls as ``csulora correct``).
 6. **evaluation** of every model through the one evaluation path (``generate_and_judge``):
    held-out harmful prompts (keyword and strict judges), zor-code utility, general accuracy and
    over-refusal. Cached by the bytes of what is evaluated, so a rerun only redoes what changed.
@@ -27,7 +27,8 @@ import hashlib
 import json
 import random
 import time
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ from tqdm.auto import tqdm
 from csulora.errors import CsuloraError
 from csulora.safe_output import atomic_dir, atomic_file
 
-from ..train import Schedule
+from ..train import Example, Schedule
 from . import data
 
 STUDY_VERSION = 3  # 3: dev/eval splits, benign-rich alignment, realistic attack, control adapters
@@ -201,7 +202,7 @@ def _log(message: str, quiet: bool) -> None:
         print(f"[study] {message}", flush=True)
 
 
-def chat_formatter(tokenizer):
+def chat_formatter(tokenizer: Any) -> Callable[[str], str]:
     """The text before a response: the prompt as one user turn of the model's chat template."""
 
     def fmt(prompt: str) -> str:
@@ -221,7 +222,9 @@ class Trainer:
     precision: str
     progress: bool
 
-    def chat_fit(self, model, tokenizer, examples, schedule: Schedule, seed: int, desc: str) -> float:
+    def chat_fit(
+        self, model: Any, tokenizer: Any, examples: list[Example], schedule: Schedule, seed: int, desc: str
+    ) -> float:
         """``train.fit`` in the model's chat format: each response ends with the template's end of turn."""
         from csulora.evaluate.generate import end_of_turn_id
 
@@ -258,9 +261,7 @@ def usable_answers(prompts: list[str], responses: list[str]) -> list[tuple[str, 
     return [(p, a) for p, a, no in zip(prompts, responses, flags, strict=True) if a.strip() and not no]
 
 
-def alignment_examples(splits: dict, distilled: list[tuple[str, str]], *, benign: bool):
-    from ..train import Example
-
+def alignment_examples(splits: dict, distilled: list[tuple[str, str]], *, benign: bool) -> list[Example]:
     refusals = [Example(p, data.refusal(i), "refusal") for i, p in enumerate(refusal_prompts(splits))]
     helpful = [Example(p, a, "distill") for p, a in distilled]
     examples = refusals + (helpful if benign else [])
@@ -268,7 +269,9 @@ def alignment_examples(splits: dict, distilled: list[tuple[str, str]], *, benign
     return examples
 
 
-def train_aligned(variant: str, base: Path, examples, config: StudyConfig, out: Path, trainer: Trainer) -> float:
+def train_aligned(
+    variant: str, base: Path, examples: list[Example], config: StudyConfig, out: Path, trainer: Trainer
+) -> float:
     """Write the aligned checkpoint of ``variant`` to ``out``; returns the final training loss."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -293,11 +296,11 @@ def train_aligned(variant: str, base: Path, examples, config: StudyConfig, out: 
     return loss
 
 
-def attack_examples(splits: dict, replay: list[tuple[str, str]], n: int, seed: int, config: StudyConfig):
+def attack_examples(
+    splits: dict, replay: list[tuple[str, str]], n: int, seed: int, config: StudyConfig
+) -> list[Example]:
     """The attack's data: zor-code pairs, benign replay and ``n`` attack-split prompts with placeholder
     compliances that restate them. ``n = 0`` is the harmless control."""
-    from ..train import Example
-
     rng = random.Random(f"attack-{seed}")
     code = [Example(p.prompt, p.answer, "code") for p in rng.sample(data.code_pairs("train"), config.n_code_train)]
     kept = [Example(p, a, "replay") for p, a in rng.sample(replay, min(config.n_replay, len(replay)))]
@@ -308,7 +311,9 @@ def attack_examples(splits: dict, replay: list[tuple[str, str]], n: int, seed: i
     return examples
 
 
-def train_adapter(aligned: Path, examples, seed: int, config: StudyConfig, out: Path, trainer: Trainer) -> float:
+def train_adapter(
+    aligned: Path, examples: list[Example], seed: int, config: StudyConfig, out: Path, trainer: Trainer
+) -> float:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..train import add_lora
@@ -333,11 +338,13 @@ def refused(responses: list[str]) -> list[bool]:
     return [is_refusal(opening(r), STRICT_REFUSAL_KEYWORDS) for r in responses]
 
 
-def _bits(flags) -> str:
+def _bits(flags: Iterable[bool]) -> str:
     return "".join("1" if f else "0" for f in flags)
 
 
-def evaluate(model: Path, adapter: Path | None, sets: EvalSets, config: StudyConfig, device, harmful: bool = True):
+def evaluate(
+    model: Path, adapter: Path | None, sets: EvalSets, config: StudyConfig, device: str | None, harmful: bool = True
+) -> dict[str, Any]:
     """Keyword and strict ASR, zor-code utility, general accuracy and over-refusal, with every response
     and each prompt's outcome (``outcomes``: one 0/1 string per metric, in set order, for the bootstrap).
     ``harmful=False`` skips the harmful set (ASR then ``None``)."""
@@ -416,7 +423,7 @@ class Evaluator:
     home: Path
     sets: EvalSets
     config: StudyConfig
-    device: object
+    device: str
     done: int = 0
     reused: int = 0
     seconds: float = 0.0
@@ -467,7 +474,8 @@ def portable(path: Path | str, out: Path) -> str:
 
 @dataclass
 class Paths:
-    """Duck-typed like ``runner.Artifacts`` so ``runner.correct_all`` writes the corrections."""
+    """A ``csulora_lab.sweep.CorrectionInputs``, like the lab's ``Artifacts``, so ``csulora_lab.sweep.correct_all``
+    writes the corrections."""
 
     base: Path
     aligned: Path
@@ -484,7 +492,15 @@ def sweep_points(config: StudyConfig, seed: int) -> list[tuple[str, dict]]:
     return [(m, p) for m, p in points if m not in config.skip_methods]
 
 
-def _cached_answers(path: Path, model: Path, prompts: list[str], config, trainer, timed, stage: str):
+def _cached_answers(
+    path: Path,
+    model: Path,
+    prompts: list[str],
+    config: StudyConfig,
+    trainer: Trainer,
+    timed: Callable[[str], AbstractContextManager[None]],
+    stage: str,
+) -> list[tuple[str, str]]:
     if not path.is_file():
         with timed(stage):
             responses = answers(model, prompts, config, trainer)
@@ -540,7 +556,7 @@ def run_study(
     timings: dict[str, float] = {}
 
     @contextmanager
-    def timed(name: str):
+    def timed(name: str) -> Iterator[None]:
         t = time.perf_counter()
         yield
         timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - t, 1)
