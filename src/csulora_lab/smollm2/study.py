@@ -101,7 +101,7 @@ class StudyConfig:
     def distill_key(self, prompts: list[str], device: str) -> str:
         """What the base's answers depend on (not the schedules): a new recipe reuses them."""
         fields = [prompts, self.distill_tokens, self.precision, self.batch_size, device, STUDY_VERSION]
-        return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:10]
+        return _key(fields)
 
 
 def training_data_digest(splits: dict) -> str:
@@ -114,10 +114,11 @@ def training_data_digest(splits: dict) -> str:
         data.COMPLIANCES,
         [(p.prompt, p.answer) for p in data.code_pairs("train")],
     ]
-    return hashlib.sha256(json.dumps(texts).encode()).hexdigest()[:10]
+    return _key(texts)
 
 
-def _key(fields: dict) -> str:
+def _key(fields: dict | list) -> str:
+    """A short digest of JSON-able ``fields`` (dict keys sorted, so the key does not depend on their order)."""
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -569,13 +570,14 @@ def run_study(
     models: dict = {"base": evaluator("base", base)}
     aligned_dirs, losses = {}, {}
     for variant in config.variants:
-        aligned = aligned_dirs[variant] = out / "cache" / f"aligned-{variant}-{config.variant_key(variant, digest)}"
+        name = f"aligned-{variant}"
+        aligned = aligned_dirs[variant] = out / "cache" / f"{name}-{config.variant_key(variant, digest)}"
         if not aligned.is_dir():
             _log(f"aligned ({variant}): training {aligned}", quiet)
             examples = alignment_examples(splits, distilled, benign=variant != "patch")
             with timed(f"align-{variant}"):
-                losses[f"aligned-{variant}"] = train_aligned(variant, base, examples, config, aligned, trainer)
-        models[f"aligned-{variant}"] = evaluator(f"aligned-{variant}", aligned)
+                losses[name] = train_aligned(variant, base, examples, config, aligned, trainer)
+        models[name] = evaluator(name, aligned)
 
     adapters: list[dict] = []
     sweep_aligned = aligned_dirs[config.sweep_variant]
