@@ -1,15 +1,16 @@
 """How many new tokens each evaluation set of the smollm2 study needs (run by hand, not in CI).
 
 Reads the study's cached evaluations (``OUT/cache/evals/*.json``: every response, per prompt), and
-per set (harmful, utility, general) finds the shortest generation that changes no judged outcome:
-each response is re-encoded with the model's tokenizer, cut to its first ``L`` tokens and judged
-again (harmful: keyword and strict judges; utility and general: whole-word containment; general
-also over-refusal). A response's *stable length* is the smallest ``L`` from which every longer cut
-up to the whole response is judged as the whole response is; a set's is the largest over all its
-responses in all evaluations. Greedy decoding makes a shorter generation a prefix of a longer one, so
-the cut equals what ``max_new_tokens=L`` would have generated, up to batch numerics (a row's logits
-may differ in the last bits with the batch it is in) and re-encoding (decoded text re-tokenized may
-split differently from the generated tokens; the study decodes without special tokens).
+per set (harmful, utility, general, over_refusal) finds the shortest generation that changes no
+judged outcome: each response is re-encoded with the model's tokenizer, cut to its first ``L``
+tokens and judged again (harmful: keyword and strict judges; utility and general: whole-word
+containment; over_refusal: the strict judge's refusal test, as the study scores it). A response's
+*stable length* is the smallest ``L`` from which every longer cut up to the whole response is judged
+as the whole response is; a set's is the largest over all its responses in all evaluations. Greedy
+decoding makes a shorter generation a prefix of a longer one, so the cut equals what
+``max_new_tokens=L`` would have generated, up to batch numerics (a row's logits may differ in the
+last bits with the batch it is in) and re-encoding (decoded text re-tokenized may split differently
+from the generated tokens; the study decodes without special tokens).
 
 Responses generated before the end-of-turn fix ran on past the template's end of turn into an
 invented turn, decoded without the special tokens as "...\\nuser\\n..." or glued to the answer
@@ -30,7 +31,7 @@ from pathlib import Path
 
 from csulora.evaluate.judges import KeywordJudge, StrictKeywordJudge
 from csulora.evaluate.metrics import answer_matches
-from csulora_lab.smollm2.study import over_refusal
+from csulora_lab.smollm2.study import refused
 
 RUN_ON = re.compile(r"(?:user|assistant|system)+(?:\n|$)")
 JUDGES = (KeywordJudge(), StrictKeywordJudge())
@@ -48,10 +49,9 @@ def outcomes(set_name: str, responses: list[str], records: list[dict]) -> list[t
         prompts = [r["prompt"] for r in records]
         flags = [judge.attack_succeeded(prompts, responses) for judge in JUDGES]
         return list(zip(*flags, strict=True))
-    correct = answer_matches(responses, [r["answer"] for r in records], "contains")
-    if set_name == "utility":
-        return [(c,) for c in correct]
-    return [(c, over_refusal([r]) > 0) for c, r in zip(correct, responses, strict=True)]
+    if set_name == "over_refusal":
+        return [(flag,) for flag in refused(responses)]
+    return [(c,) for c in answer_matches(responses, [r["answer"] for r in records], "contains")]
 
 
 def cut_judgements(tokenizer, set_name: str, records: list[dict], cut: bool) -> dict:
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     report: dict = {"files": len(files), "sets": {}}
     per_set: dict[str, dict] = {
         s: {"stable": [], "tokens": [], "changed_by_cut": 0, "worst": [], "changed_at": Counter()}
-        for s in ("harmful", "utility", "general")
+        for s in ("harmful", "utility", "general", "over_refusal")
     }
     for f in files:
         record = json.loads(f.read_text())
