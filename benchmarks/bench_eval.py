@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
 
-    from csulora_lab.smollm2.study import StudyConfig, eval_sets, evaluate
+    from csulora_lab.smollm2.config import StudyConfig
+    from csulora_lab.smollm2.study import eval_sets, evaluate
 
     torch.set_num_threads(args.threads)
     config = StudyConfig()

@@ -3,6 +3,7 @@ tiny Llama the test builds (the real model is never downloaded here)."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
 from pathlib import Path
@@ -110,7 +111,8 @@ def test_an_evaluation_prompt_that_is_also_trained_on_is_refused():
 def test_a_changed_training_text_retrains_but_a_changed_schedule_keeps_the_distilled_answers(monkeypatch):
     from dataclasses import replace
 
-    from csulora_lab.smollm2.study import StudyConfig, training_data_digest
+    from csulora_lab.smollm2.config import StudyConfig
+    from csulora_lab.smollm2.study import training_data_digest
     from csulora_lab.train import Schedule
 
     splits = {k: [{"text": f"{k} {i}", "area": "a"} for i in range(60)] for k in ("align", "attack", "eval")}
@@ -201,7 +203,7 @@ def _tiny_base(path: Path) -> Path:
 
 
 def _tiny_config():
-    from csulora_lab.smollm2.study import StudyConfig
+    from csulora_lab.smollm2.config import StudyConfig
     from csulora_lab.train import Schedule
 
     step = Schedule(2, 4, 1e-3)
@@ -225,26 +227,58 @@ def _tiny_config():
         n_eval_harmful=6,
         n_eval_tasks=4,
         bootstrap=50,
+        precision="float32",  # the same path on every CPU; bf16 has its own test
     )
 
 
-@pytest.mark.slow
-def test_the_study_runs_end_to_end_and_a_rerun_reuses_every_stage(tmp_path, monkeypatch):
-    from csulora.methods import METHODS
+def _tiny_world(tmp_path: Path, monkeypatch) -> tuple[Path, dict]:
     from csulora_lab.smollm2 import study
-    from csulora_lab.smollm2.study import run_study, sweep_points
 
-    base = _tiny_base(tmp_path / "base")
     every = data.benign_train_prompts()
     monkeypatch.setattr(study.data, "benign_train_prompts", lambda: every[:12])  # a tiny distillation
     splits = {
         k: [{"text": f"{k} request {i} about harm", "area": "a"} for i in range(n)]
         for k, n in (("align", 60), ("attack", 8), ("eval", 6))
     }
+    return _tiny_base(tmp_path / "base"), splits
+
+
+@pytest.mark.slow
+def test_under_bf16_the_aligned_and_first_attacked_model_are_judged_again_in_float32(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from csulora_lab.smollm2.study import run_study
+
+    base, splits = _tiny_world(tmp_path, monkeypatch)
+    config = replace(_tiny_config(), precision="bfloat16", variants=("full",), seeds=(0,), other_n=())
+    doc = run_study(base, splits, tmp_path / "study", config, stages=("align", "attack"), quiet=True)
+    agreement = doc["precision_agreement"]
+    assert set(agreement) == {"precision", "aligned-full", "attack-n4-seed0"} and agreement["precision"] == "bfloat16"
+    assert all(
+        0.0 <= agreement[m][judge] <= 1.0
+        for m in ("aligned-full", "attack-n4-seed0")
+        for judge in ("asr", "asr_strict")
+    )
+    assert doc["evaluations"]["devices"] == ["cpu bfloat16", "cpu float32"]
+    assert {"aligned-full (float32)", "attack-n4-seed0 (float32)"} <= set(doc["evaluations"]["records"])
+    assert set(doc["outcomes"]) == {"base", "aligned-full", "attack-n4-seed0", "control-seed0"}
+    assert doc["machine"]["precision"] == doc["config"]["precision"] == "bfloat16"
+
+
+@pytest.mark.slow
+def test_the_study_runs_end_to_end_and_a_rerun_reuses_every_stage(tmp_path, monkeypatch):
+    from csulora.methods import METHODS
+    from csulora_lab.smollm2.study import run_study, sweep_points
+
+    base, splits = _tiny_world(tmp_path, monkeypatch)
     config = _tiny_config()
     doc = run_study(base, splits, tmp_path / "study", config, quiet=True)
     for name in ("report.md", "results.json", "frontier.png"):
         assert (tmp_path / "study" / name).is_file()
+    with gzip.open(tmp_path / "study" / "responses.jsonl.gz", "rt") as f:  # every judged response, re-judgeable
+        packed = {line["name"]: line for line in map(json.loads, f)}
+    assert set(packed) == set(doc["evaluations"]["records"])
+    assert packed["base"]["outcomes"] == doc["outcomes"]["base"] and len(packed["base"]["responses"]) == 6
     assert set(doc["models"]) == {
         "base",
         *(f"aligned-{v}" for v in ("full", "patch", "patch-mixed")),
@@ -277,7 +311,7 @@ def test_the_study_runs_end_to_end_and_a_rerun_reuses_every_stage(tmp_path, monk
     for diagnostic in doc["diagnostics"].values():  # under the alignment subspace and a random one
         assert set(diagnostic) == {"csulora subspace", "random subspace"}
         assert all(0 <= d["rho_f"] <= 1 and d["signed_overlap"] is not None for d in diagnostic.values())
-    assert doc["precision_agreement"]["precision"] == doc["config"]["precision"] == "float32"  # no bf16 here
+    assert doc["precision_agreement"] == {"precision": "float32"} and doc["config"]["precision"] == "float32"
     # each evaluation keeps every prompt's outcome, in set order (the bootstrap reads them)
     assert len(doc["outcomes"]["base"]["asr"]) == 6 and len(doc["outcomes"]["base"]["over_refusal"]) == 4
     # results.json names what lies under the study's directory relative to it, the rest absolutely

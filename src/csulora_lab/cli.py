@@ -54,7 +54,8 @@ def _cmd_smollm2(args: argparse.Namespace) -> int:
             return 0
         from dataclasses import replace
 
-        from .smollm2.study import StudyConfig, check_splits, run_study
+        from .smollm2.config import StudyConfig
+        from .smollm2.study import check_splits, run_study
 
         config = replace(StudyConfig(), split=args.split, precision=args.dtype)
         if args.seeds:
