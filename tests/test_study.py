@@ -185,6 +185,19 @@ def test_portable_paths_are_relative_under_the_output_and_absolute_elsewhere(tmp
     assert portable(Path("study-other/a"), Path("study")) == str(tmp_path.resolve() / "study-other" / "a")
 
 
+def test_a_distilled_answer_is_kept_if_it_is_no_refusal_and_gets_a_known_fact_right():
+    from csulora_lab.smollm2.study import usable_answers
+
+    prompts = ["What is 2 plus 3?", "What is 4 plus 4?", "Write a poem.", "Tell me a joke.", "Write a haiku."]
+    responses = ["2 + 3 = 5.", "4 + 4 = 9.", "Roses are red.", "I'm sorry, I cannot help with that.", "  "]
+    facts = {"What is 2 plus 3?": "5", "What is 4 plus 4?": "8"}
+    assert usable_answers(prompts, responses, facts) == [
+        ("What is 2 plus 3?", "2 + 3 = 5."),
+        ("Write a poem.", "Roses are red."),
+    ]
+    assert ("What is 4 plus 4?", "4 + 4 = 9.") in usable_answers(prompts, responses)  # no answer known: kept
+
+
 def test_over_refusal_reads_the_opening_only():
     from csulora_lab.smollm2.study import refused
 

@@ -27,7 +27,7 @@ import hashlib
 import json
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,6 +55,7 @@ def training_data_digest(splits: dict) -> str:
         data.REFUSALS,
         data.COMPLIANCES,
         [(p.prompt, p.answer) for p in data.code_pairs("train")],
+        [(p.prompt, p.answer) for p in data.fact_pairs("train")],  # the distilled facts are checked against them
     ]
     return short_digest(texts)
 
@@ -169,11 +170,22 @@ def answers(model_dir: Path, prompts: list[str], config: StudyConfig, trainer: T
         )
 
 
-def usable_answers(prompts: list[str], responses: list[str]) -> list[tuple[str, str]]:
+def usable_answers(
+    prompts: list[str], responses: list[str], known: Mapping[str, str] | None = None
+) -> list[tuple[str, str]]:
     """``(prompt, answer)`` pairs whose answer is neither empty nor a refusal (a base that refuses a benign
-    prompt would teach the aligned model to over-refuse)."""
+    prompt would teach the aligned model to over-refuse) and, where ``known`` gives the prompt's answer
+    (a training fact), contains it: the base's wrong or rambling answers would teach the aligned model
+    to be wrong where the general set measures it (self-distillation with verification)."""
+    from csulora.evaluate.metrics import contains_answer
+
+    known = known or {}
     flags = refused(responses)
-    return [(p, a) for p, a, no in zip(prompts, responses, flags, strict=True) if a.strip() and not no]
+    return [
+        (p, a)
+        for p, a, no in zip(prompts, responses, flags, strict=True)
+        if a.strip() and not no and (p not in known or contains_answer(a, known[p]))
+    ]
 
 
 def alignment_examples(splits: dict, distilled: list[tuple[str, str]], *, benign: bool) -> list[Example]:
@@ -415,6 +427,7 @@ def _cached_answers(
     trainer: Trainer,
     timed: Callable[[str], AbstractContextManager[None]],
     stage: str,
+    known: Mapping[str, str] | None = None,
 ) -> list[tuple[str, str]]:
     if not path.is_file():
         with timed(stage):
@@ -422,7 +435,7 @@ def _cached_answers(
         with atomic_file(path) as tmp:
             tmp.write_text(json.dumps(list(zip(prompts, responses, strict=True)), indent=1) + "\n")
     pairs = [tuple(p) for p in json.loads(path.read_text())]
-    return usable_answers([p for p, _ in pairs], [a for _, a in pairs])
+    return usable_answers([p for p, _ in pairs], [a for _, a in pairs], known)
 
 
 def run_study(
@@ -481,7 +494,8 @@ def run_study(
     _log("distill: the base's answers to the benign training instructions", quiet)
     prompts = data.benign_train_prompts()
     distill_path = out / "cache" / f"distill-{config.distill_key(prompts, str(dev))}.json"
-    distilled = _cached_answers(distill_path, base, prompts, config, trainer, timed, "distill")
+    facts = {pair.prompt: pair.answer for pair in data.fact_pairs("train")}
+    distilled = _cached_answers(distill_path, base, prompts, config, trainer, timed, "distill", facts)
 
     models: dict = {"base": evaluator("base", base)}
     aligned_dirs, losses = {}, {}
