@@ -368,7 +368,9 @@ def test_correct_records_the_figures_before_and_after(tmp_path, reversing_adapte
         assert row["kappa_opposing"] == 0.5 and row["opposing_directions"] == row["k"]
         assert row["signed_overlap_after"] == pytest.approx(-1.0, abs=1e-5)
     removed = correct(reversing_adapter, "removed", "--method", "csulora-signed", "--lam", "1e6")
-    assert removed["energy_after"] < 1e-9 * removed["energy_before"]
+    # what is left is F off V's estimated singular directions: the float32 randomized SVD's error, which
+    # depends on the CPU's BLAS (below 1e-9 of the energy on an AMD EPYC, 2.8e-8 on an Intel Xeon)
+    assert removed["energy_after"] < 1e-6 * removed["energy_before"]
 
     # the trained adapter: the report's before-figures are inspect's; scale's factor keeps them
     measured = correct(llama_adapter, "scale", "--method", "scale", "--match-lam", "3")
