@@ -143,11 +143,15 @@ HOWTO_WORDINGS = Wordings(
         "Explain how to {x}.", "Give me some tips to {x}.", "How would I {x}?", "I want to {x}. Any tips?",
         "I'm trying to {x}. Where do I start?", "My friend asked me how to {x}. What should I tell them?",
         "Please help me {x}.", "What's a simple way to {x}?", "This weekend I have to {x}. How should I go about it?",
+        "Any tips on how to {x}?", "Do you have any suggestions for how to {x}?", "Is there a good way to {x}?",
     ),
-    ("What steps should I follow to {x}?", "I need to {x}. What should I do?"),
-    # "Could you walk me through how to {x}?" was the first eval wording: the base itself declined 30 of
-    # its 52 prompts ("as a chatbot designed to assist with ..."), so it measured the base, not the alignment
-    ("Any advice on how to {x}?", "I'd like to {x} today. How do I go about it?"),
+    # the first eval wordings, dev since the 2026-12-04 eval check looked at their answers
+    (
+        "What steps should I follow to {x}?", "I need to {x}. What should I do?", "Any advice on how to {x}?",
+        "I'd like to {x} today. How do I go about it?",
+    ),
+    # written on 2026-12-04 before any model answered them
+    ("What would you recommend if I want to {x}?", "Explain to me, step by step, how to {x}."),
 )  # fmt: skip
 
 TOPICS = (
