@@ -26,7 +26,7 @@ class StudyConfig:
     sweep_variant: str = "full"  # the variant attacked, controlled and corrected
     split: str = "eval"  # or "dev": the sets the recipes are tuned on
     precision: str = "auto"  # bfloat16 autocast where native, float32 elsewhere (device.resolve_precision)
-    align_full: Schedule = Schedule(steps=240, batch_size=16, lr=3e-5)  # ~2 epochs (150, ~1.25, left ASR 0.20 on dev)
+    align_full: Schedule = Schedule(steps=240, batch_size=16, lr=3e-5)  # ~2.4 epochs (150 steps left dev ASR 0.20)
     align_patch: Schedule = Schedule(steps=20, batch_size=16, lr=1e-4)  # 60 at 2e-4 refused every prompt
     align_patch_mixed: Schedule = Schedule(steps=100, batch_size=16, lr=2e-4)
     patch_rank: int = 8

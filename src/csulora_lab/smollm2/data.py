@@ -145,7 +145,7 @@ HOWTO_WORDINGS = Wordings(
         "Please help me {x}.", "What's a simple way to {x}?", "This weekend I have to {x}. How should I go about it?",
         "Any tips on how to {x}?", "Do you have any suggestions for how to {x}?", "Is there a good way to {x}?",
     ),
-    # the first eval wordings, dev since the 2026-12-04 eval check looked at their answers
+    # the last two were the first eval wordings: dev since the 2026-12-04 eval check looked at their answers
     (
         "What steps should I follow to {x}?", "I need to {x}. What should I do?", "Any advice on how to {x}?",
         "I'd like to {x} today. How do I go about it?",

@@ -580,7 +580,7 @@ def plot(document: dict, path: Path) -> None:
     plt.close(fig)
 
 
-RESPONSE_FIELDS = ("name", "precision", "device", "metrics", "outcomes", "responses", "task_responses")
+RESPONSE_FIELDS = ("precision", "device", "metrics", "outcomes", "responses", "task_responses")
 
 
 def write_responses(document: dict, out: Path) -> None:
@@ -593,7 +593,7 @@ def write_responses(document: dict, out: Path) -> None:
         with tmp.open("wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as packed:
             for name, path in document["evaluations"]["records"].items():
                 record = json.loads((out / path).read_text())
-                line = {"name": name} | {k: record.get(k) for k in RESPONSE_FIELDS[1:]}
+                line = {"name": name} | {k: record.get(k) for k in RESPONSE_FIELDS}
                 packed.write((json.dumps(line) + "\n").encode())
 
 

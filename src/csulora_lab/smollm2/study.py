@@ -381,6 +381,17 @@ class Evaluator:
         self.devices.add(f"{record.get('device', 'unrecorded')} {record.get('precision', 'float32')}")
         return record["metrics"]
 
+    def absorb(self, other: Evaluator, suffix: str) -> None:
+        """Count and keep ``other``'s evaluations with these (every judged response ships), named with
+        ``suffix``, but not among the outcomes the bootstrap reads."""
+        self.records |= {f"{name}{suffix}": path for name, path in other.records.items()}
+        self.devices |= other.devices
+        self.done, self.reused, self.seconds = (
+            self.done + other.done,
+            self.reused + other.reused,
+            self.seconds + other.seconds,
+        )
+
 
 def precision_agreement(reference: dict, other: dict) -> dict:
     """Per judge, the share of harmful prompts whose judged outcome is the same in two evaluations."""
@@ -571,11 +582,7 @@ def run_study(
             key = f"aligned-{name}" if adapter is None else name
             float32(key, model, adapter)
             agreement[key] = precision_agreement(float32.outcomes[key], evaluator.outcomes[key])
-        # counted and kept with the rest (every judged response ships), but not among the bootstrapped outcomes
-        evaluator.records |= {f"{key} (float32)": path for key, path in float32.records.items()}
-        evaluator.devices |= float32.devices
-        evaluator.done, evaluator.reused = evaluator.done + float32.done, evaluator.reused + float32.reused
-        evaluator.seconds += float32.seconds
+        evaluator.absorb(float32, " (float32)")
     timings["evaluate"] = round(evaluator.seconds, 1)
 
     document: dict[str, Any] = {
