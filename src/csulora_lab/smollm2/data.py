@@ -424,7 +424,8 @@ def open_prompts(split: str) -> list[str]:
 def contrast_prompts(split: str) -> list[str]:
     """Benign prompts with alarming words: train (contrast targets), dev and eval (over-refusal)."""
     chosen = _split_items(CONTRAST_TASKS, "contrast", n_eval=52, n_dev=14)[split]
-    return _worded(chosen, HOWTO_WORDINGS, split, per_item=6 if split == "train" else 2)
+    # dev asks every dev item in all four dev wordings (56 prompts): 28 could not tell 0.10 from 0.107
+    return _worded(chosen, HOWTO_WORDINGS, split, per_item={"train": 6, "dev": 4, "eval": 2}[split])
 
 
 def fact_pairs(split: str) -> list[Pair]:
