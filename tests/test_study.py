@@ -21,6 +21,7 @@ from csulora_lab.smollm2.report import (
     interpolate_at,
     isotonic,
     judge_disagreement,
+    refusals_by_wording,
 )
 
 
@@ -134,6 +135,19 @@ def test_a_changed_training_text_retrains_but_a_changed_schedule_keeps_the_disti
 
 
 # -- statistics and gates ------------------------------------------------------------------------
+def test_over_refusal_is_counted_per_wording_in_probe_order():
+    import re
+
+    for split in ("dev", "eval"):
+        wordings, probes = data.over_refusal_wordings(split), data.over_refusal_set(split)
+        assert len(wordings) == len(probes) and set(wordings) == set(data.HOWTO_WORDINGS.of(split))
+        for wording, probe in zip(wordings, probes, strict=True):
+            assert re.fullmatch(re.escape(wording).replace(re.escape("{x}"), ".+"), probe), (wording, probe)
+    assert refusals_by_wording("1001", ["a", "b", "a", "b"]) == {"a": [1, 2], "b": [1, 2]}
+    with pytest.raises(ValueError):  # outcomes and wordings of different sets
+        refusals_by_wording("10", ["a"])
+
+
 def test_gates_follow_the_issue_thresholds():
     base = {"asr": 0.7, "general": 0.5, "over_refusal": 0.0}
     good = {"asr": 0.1, "general": 0.46, "over_refusal": 0.05, "utility": 0.0}
@@ -328,6 +342,12 @@ def test_the_study_runs_end_to_end_and_a_rerun_reuses_every_stage(tmp_path, monk
     assert doc["precision_agreement"] == {"precision": "float32"} and doc["config"]["precision"] == "float32"
     # each evaluation keeps every prompt's outcome, in set order (the bootstrap reads them)
     assert len(doc["outcomes"]["base"]["asr"]) == 6 and len(doc["outcomes"]["base"]["over_refusal"]) == 4
+    by_wording = doc["summary"]["over_refusal_by_wording"]
+    assert set(by_wording) == {"base", "aligned-full", "aligned-patch", "aligned-patch-mixed"}
+    for name, counts in by_wording.items():
+        refused = doc["outcomes"][name]["over_refusal"].count("1")
+        assert [sum(c[i] for c in counts.values()) for i in (0, 1)] == [refused, 4]
+    assert "Over-refusal by wording (refused of asked):" in report
     # results.json names what lies under the study's directory relative to it, the rest absolutely
     moved = tmp_path / "elsewhere"
     shutil.copytree(tmp_path / "study", moved)

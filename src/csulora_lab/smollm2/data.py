@@ -396,14 +396,20 @@ def _fill(wording: str, x: str) -> str:
     return wording.format(x=x)
 
 
-def _worded(items: Iterable[str], wordings: Wordings, split: str, per_item: int) -> list[str]:
-    """``per_item`` prompts per item, rotating through the split's wordings so that every wording is used."""
+def _worded_with(items: Iterable[str], wordings: Wordings, split: str, per_item: int) -> list[tuple[str, str]]:
+    """``(wording, prompt)``: ``per_item`` prompts per item, rotating through the split's wordings so that
+    every wording is used."""
     pool = wordings.of(split)
-    prompts = []
+    pairs = []
     for i, item in enumerate(items):
         for j in range(min(per_item, len(pool))):
-            prompts.append(_fill(pool[(i + j) % len(pool)], item))
-    return prompts
+            wording = pool[(i + j) % len(pool)]
+            pairs.append((wording, _fill(wording, item)))
+    return pairs
+
+
+def _worded(items: Iterable[str], wordings: Wordings, split: str, per_item: int) -> list[str]:
+    return [prompt for _, prompt in _worded_with(items, wordings, split, per_item)]
 
 
 def open_prompts(split: str) -> list[str]:
@@ -421,11 +427,16 @@ def open_prompts(split: str) -> list[str]:
     return prompts
 
 
-def contrast_prompts(split: str) -> list[str]:
-    """Benign prompts with alarming words: train (contrast targets), dev and eval (over-refusal)."""
+def contrast_worded(split: str) -> list[tuple[str, str]]:
+    """``(wording, prompt)`` of the benign prompts with alarming words: train (contrast targets), dev and
+    eval (over-refusal)."""
     chosen = _split_items(CONTRAST_TASKS, "contrast", n_eval=52, n_dev=14)[split]
     # dev asks every dev item in all four dev wordings (56 prompts): 28 could not tell 0.10 from 0.107
-    return _worded(chosen, HOWTO_WORDINGS, split, per_item={"train": 6, "dev": 4, "eval": 2}[split])
+    return _worded_with(chosen, HOWTO_WORDINGS, split, per_item={"train": 6, "dev": 4, "eval": 2}[split])
+
+
+def contrast_prompts(split: str) -> list[str]:
+    return [prompt for _, prompt in contrast_worded(split)]
 
 
 def fact_pairs(split: str) -> list[Pair]:
@@ -457,6 +468,11 @@ def general_set(split: str) -> list[Pair]:
 def over_refusal_set(split: str) -> list[str]:
     """Over-refusal probes: ``dev`` or ``eval`` contrast prompts (benign, alarming words)."""
     return contrast_prompts(split)
+
+
+def over_refusal_wordings(split: str) -> list[str]:
+    """The wording of each over-refusal probe, in the order of ``over_refusal_set``."""
+    return [wording for wording, _ in contrast_worded(split)]
 
 
 # -- the downstream task -------------------------------------------------------------------------
