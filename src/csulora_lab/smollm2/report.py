@@ -267,13 +267,12 @@ def summarise(document: dict, config: StudyConfig) -> dict:
         }
     }
     wordings = data.over_refusal_wordings(document["sizes"]["split"])
-    summary["over_refusal_by_wording"] = {
-        name: refusals_by_wording(bits, wordings[: len(bits)])
-        for name in models
-        if name == "base" or name.startswith("aligned-")
-        for bits in [outcomes.get(name, {}).get("over_refusal", "")]
-        if bits
-    }
+    by_wording = {}
+    for name in models:
+        bits = outcomes.get(name, {}).get("over_refusal", "")
+        if bits and (name == "base" or name.startswith("aligned-")):
+            by_wording[name] = refusals_by_wording(bits, wordings[: len(bits)])  # [:n] as in eval_sets
+    summary["over_refusal_by_wording"] = by_wording
     aligned = models.get(f"aligned-{config.sweep_variant}")
     trained = document["adapters_trained"]
     attacks = {a["seed"]: a["model"] for a in trained if a["kind"] == "attack" and a["n"] == config.main_n}
