@@ -226,7 +226,8 @@ def test_what_agrees_with_v_is_kept_and_what_reverses_it_shrinks(problem, lam):
     after = signed_overlap(csulora_signed_update(lora, U, R, sigma, lam, 1.0).lora, U, R, sigma)
     before = signed_overlap(lora, U, R, sigma)
     assert after.e_oppose <= before.e_oppose * (kappa**2 + 1e-9) + 1e-20
-    assert after.signed_overlap >= before.signed_overlap - 1e-9 or before.energy == 0
+    # an overlap is a ratio of energies: with none left (all of it reversing and removed) it is rounding's sign
+    assert after.signed_overlap >= before.signed_overlap - 1e-9 or before.energy == 0 or after.energy <= 1e-20
 
 
 @settings(max_examples=30, deadline=None)
